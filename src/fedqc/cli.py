@@ -1,0 +1,247 @@
+"""The `fedqc` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedqc.config import Config, ModelConfig, load_config
+from fedqc.errors import FedqcError
+
+app = typer.Typer(help="Data quality control for federated fine-tuning of LLMs, on Flower.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Build federations.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [RichHandler(console=err_console, show_path=False)]
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s", force=True)
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    for noisy in ("httpx", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err_console, transient=True)
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise FedqcError(f"{path}: exists; choose another path or add --force")
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: key=value.")]
+ModelOpt = Annotated[str, typer.Option(help="Registry name, local folder or HF hub id.")]
+MaxLenOpt = Annotated[int, typer.Option(help="Maximum tokens of prompt + response.")]
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
+    force: Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
+) -> None:
+    """Run the whole pipeline: anchors → τ → client selection → federated LoRA → report."""
+    from fedqc.federation.simulation import run_simulation
+    from fedqc.pipeline import new_run_dir, prepare, summarize
+
+    cfg = load_config(config, set_)
+    run_dir = new_run_dir(out, force)
+    _setup_logging(verbose, run_dir / "fedqc.log")
+    with console.status("preparing model and data (the first run converts SmolLM2 once)"):
+        from fedqc.models.loading import resolve
+
+        resolve(cfg.model.name)
+        cfg = prepare(cfg, run_dir)
+    logging.getLogger("fedqc").info("run directory: %s", run_dir)
+    run_simulation(cfg, cfg.data.num_clients)
+    _print_summary(summarize(cfg), cfg)
+    console.print(f"[bold]outputs:[/] {run_dir}")
+
+
+def _print_summary(summary: dict, cfg: Config) -> None:
+    th = summary["threshold"]
+    tau = "per-client" if th["tau"] is None else f"{th['tau_raw']:.4f}"
+    console.print(f"\n[bold]scorer[/] {th['scorer']} ({th['direction']})   [bold]rule[/] "
+                  f"{th['rule']}   [bold]τ[/] {tau}")
+    table = Table(title="Selection per client (clean = positive)")
+    for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
+        table.add_column(col, justify="right")
+
+    def fmt(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "–"
+
+    for row in summary["clients"]:
+        table.add_row(str(row["client"]), str(row["total"]), str(row["kept"]),
+                      str(row["rejected"]), fmt(row, "precision"), fmt(row, "recall"),
+                      fmt(row, "f1"))
+    total = sum(r["total"] for r in summary["clients"])
+    kept = sum(r["kept"] for r in summary["clients"])
+    sel = summary["selection"]
+    table.add_row("all", str(total), str(kept), str(total - kept), fmt(sel, "precision"),
+                  fmt(sel, "recall"), fmt(sel, "f1"), style="bold")
+    console.print(table)
+    rounds = Table(title="Global model on the held-out set")
+    for col in ("round", "eval loss", "eval ppl", "train loss"):
+        rounds.add_column(col, justify="right")
+    for r in summary["rounds"]:
+        train = r.get("train_train_loss")
+        rounds.add_row(str(r["round"]), f"{r.get('eval_loss', math.nan):.4f}",
+                       f"{r.get('eval_ppl', math.nan):.3f}",
+                       "–" if train is None else f"{train:.4f}")
+    console.print(rounds)
+
+
+@app.command()
+def score(
+    data: Annotated[Path, typer.Argument(help="Samples (.json / .jsonl).")],
+    scorer: Annotated[str, typer.Option(help="ppl, cond-prob, ifd or ira.")],
+    out: Annotated[Path, typer.Option(help="Output SCORES.jsonl.")],
+    model: ModelOpt = "smollm2-135m",
+    max_length: MaxLenOpt = 256,
+    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+) -> None:
+    """Score every sample (what one client does); one line per sample, in input order."""
+    from fedqc.data.samples import load_samples
+    from fedqc.scoring.scorers import get_scorer
+
+    _setup_logging(False)
+    chosen = get_scorer(scorer)
+    _refuse_overwrite(out, force)
+    samples = load_samples(data)
+    scores = _score(model, max_length, samples, chosen)
+    with open(out, "w", encoding="utf-8") as fh:
+        for s, value in zip(samples, scores.raw, strict=True):
+            fh.write(json.dumps({"id": s.id, "score": _finite(value), "scorer": chosen.name}) + "\n")
+    console.print(f"scored {len(samples)} samples with {chosen.name} → {out}"
+                  + (f" ({scores.truncated} truncated to {max_length} tokens)" if scores.truncated
+                     else ""))
+
+
+def _score(model: str, max_length: int, samples, scorer):
+    from fedqc.models.loading import load
+    from fedqc.scoring.scorers import score_samples
+
+    with console.status(f"loading {model}"):
+        loaded = load(ModelConfig(name=model, max_length=max_length))
+    passes = 2 if scorer.needs_bare else 1
+    with _progress() as progress:
+        task = progress.add_task(f"scoring ({scorer.name})", total=len(samples) * passes)
+        return score_samples(loaded, samples, scorer, max_length,
+                             on_batch=lambda n: progress.advance(task, n))
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+@app.command()
+def threshold(
+    anchors: Annotated[Path, typer.Argument(help="Trusted anchor samples.")],
+    scorer: Annotated[str, typer.Option(help="ppl, cond-prob, ifd or ira.")],
+    rule: Annotated[str, typer.Option(help="anchor-mean, anchor-quantile:Q or fixed:V.")]
+    = "anchor-mean",
+    model: ModelOpt = "smollm2-135m",
+    max_length: MaxLenOpt = 256,
+) -> None:
+    """Compute the global threshold τ from anchors (what the server does); prints τ."""
+    from fedqc.data.samples import load_samples
+    from fedqc.quality.rules import global_threshold, parse_rule
+    from fedqc.scoring.scorers import get_scorer
+
+    _setup_logging(False)
+    chosen, parsed = get_scorer(scorer), parse_rule(rule)
+    if not parsed.is_global:
+        raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
+    scores = _score(model, max_length, load_samples(anchors), chosen) if parsed.needs_anchors \
+        else None
+    tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
+    keep = "≥" if chosen.direction > 0 else "≤"
+    err_console.print(f"{chosen.name} {parsed}: keep samples with {chosen.name} {keep} τ")
+    print(f"{chosen.raw(tau):.6g}")
+
+
+@app.command(name="filter")
+def filter_(
+    data: Annotated[Path, typer.Argument(help="Samples (.json / .jsonl).")],
+    scores: Annotated[Path, typer.Option(help="SCORES.jsonl from `fedqc score`.")],
+    threshold: Annotated[float, typer.Option(help="τ in the scorer's units (`fedqc threshold`).")],
+    out: Annotated[Path, typer.Option(help="Output KEPT.jsonl.")],
+    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+) -> None:
+    """Keep the samples whose score passes τ; writes them unchanged."""
+    import numpy as np
+
+    from fedqc.data.samples import read_scores, load_records
+    from fedqc.quality.selection import select
+    from fedqc.scoring.scorers import get_scorer
+
+    _refuse_overwrite(out, force)
+    records = load_records(data)
+    ids, values, scorer_name = read_scores(scores)
+    if ids != [s.id for s, _ in records]:
+        raise FedqcError(f"{scores}: its ids do not match {data} line for line; re-run fedqc score")
+    scorer = get_scorer(scorer_name)
+    selection = select(scorer.orient(np.array(values, dtype=np.float64)),
+                       tau=scorer.direction * threshold)
+    with open(out, "w", encoding="utf-8") as fh:
+        for (_, record), keep in zip(records, selection.keep, strict=True):
+            if keep:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    console.print(f"kept {selection.kept} of {len(records)} samples → {out} "
+                  f"({selection.rejected_below_threshold} below τ, "
+                  f"{selection.rejected_non_finite} without a finite score)")
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Write into a non-empty folder.")] = False,
+) -> None:
+    """Write the GSM8K demo federation: clients, anchors, eval set and ground-truth flags."""
+    from fedqc.data.demo import write_demo
+
+    cfg = load_config(config, set_)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FedqcError(f"{out}: exists and is not empty; choose another --out or add --force")
+    d = cfg.data
+    manifest = write_demo(out, d.num_clients, d.samples_per_client, d.num_anchors, d.num_eval,
+                          d.contamination, d.seed)
+    for c in manifest["clients"]:
+        console.print(f"client-{c['client']}: {c['samples']} samples, {c['corrupted']} corrupted")
+    console.print(f"wrote {out}/clients, anchors.jsonl, eval.jsonl and truth/ (flags)")
+
+
+def main() -> None:
+    try:
+        app()
+    except FedqcError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,169 @@
+"""One typed configuration for a run, with sections.
+
+The CLI (`--config FILE`, `--set key=value`), `flwr run --run-config` and the tests all build it the
+same way: from flat dotted keys such as ``quality.scorer`` or ``train.local-steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedqc.errors import FedqcError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # registry name, HF hub id or local folder
+    max_length: int = 256  # tokens of prompt + response; longer samples are truncated and counted
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,v_proj"
+
+
+@dataclass
+class DataConfig:
+    federation: str = "gsm8k"  # "gsm8k" builds the demo federation; "" uses the paths below
+    clients_dir: str = ""  # folder with client-0.jsonl, client-1.jsonl, ... (one per node)
+    anchors: str = ""  # trusted anchor samples (server side only)
+    eval: str = ""  # held-out evaluation samples (server side only)
+    num_clients: int = 4
+    samples_per_client: int = 75
+    num_anchors: int = 10
+    num_eval: int = 40
+    contamination: str = "0.1,0.3,0.5,0.7"  # demo: corrupted share per client
+    seed: int = 0
+
+
+@dataclass
+class QualityConfig:
+    scorer: str = "ppl"
+    rule: str = "anchor-mean"
+    batch_tokens: int = 4096  # token budget of one scoring batch
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 3
+    local_steps: int = 5
+    batch_size: int = 4
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class FederationConfig:
+    min_nodes: int = 0  # 0: every client of the federation
+    timeout: float = 3600.0  # seconds to wait for replies in one round
+    client_cpus: int = 1  # simulation: CPUs per ClientApp
+    fraction_evaluate: float = 0.0  # share of clients that also evaluate the global adapter locally
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = ""  # empty: runs/<timestamp>
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys with dashes (``train.local-steps``), as Flower's run config uses them."""
+        flat = {}
+        for section in fields(self):
+            for f in fields(getattr(self, section.name)):
+                key = f"{section.name}.{f.name.replace('_', '-')}"
+                flat[key] = getattr(getattr(self, section.name), f.name)
+        return flat
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], source: str = "config") -> Config:
+        cfg = cls()
+        for key, value in values.items():
+            cfg.set(key, value, source)
+        return cfg
+
+    def set(self, key: str, value: Any, source: str = "config") -> None:
+        """Set one dotted key, converting the value to the field's type."""
+        section_name, _, name = key.partition(".")
+        section = getattr(self, section_name, None)
+        attr = name.replace("-", "_")
+        if not dataclasses.is_dataclass(section) or attr not in {f.name for f in fields(section)}:
+            known = ", ".join(self.to_flat())
+            raise FedqcError(f"{source}: unknown config key '{key}'. Known keys: {known}")
+        default = getattr(type(section)(), attr)
+        setattr(section, attr, _coerce(value, type(default), key, source))
+
+    def replace(self, **flat: Any) -> Config:
+        """A copy with some dotted keys changed (keys use '.' and '-' like to_flat())."""
+        return Config.from_flat({**self.to_flat(), **flat})
+
+    def to_toml(self) -> str:
+        lines = []
+        for section in fields(self):
+            lines.append(f"[{section.name}]")
+            for f in fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), f.name)
+                lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a TOML file with [sections], then ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FedqcError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise FedqcError(f"{path}: not valid TOML ({exc})") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise FedqcError(f"{path}: '{section}' must be a [section] of keys")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value, str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedqcError(f"--set {item!r}: expected key=value, e.g. --set quality.scorer=ifd")
+        cfg.set(key.strip(), value.strip(), "--set")
+    return cfg
+
+
+def _coerce(value: Any, kind: type, key: str, source: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in {"true", "false", "1", "0"}:
+                    raise ValueError(value)
+                return value.lower() in {"true", "1"}
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise FedqcError(
+            f"{source}: '{key}' must be of type {kind.__name__}, got {value!r}"
+        ) from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,1 @@
+"""Samples, schemas, loading and validation, prompt format, tokenisation, demo federations."""

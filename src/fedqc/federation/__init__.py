@@ -1,0 +1,1 @@
+"""Flower ServerApp and ClientApp: thin translators between messages and the core rooms."""

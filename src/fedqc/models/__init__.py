@@ -1,0 +1,1 @@
+"""Model resolution, LoRA attachment and adapter state in and out."""

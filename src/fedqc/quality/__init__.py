@@ -1,0 +1,1 @@
+"""Threshold rules, selection, and selection metrics against ground-truth flags."""

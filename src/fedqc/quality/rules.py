@@ -1,0 +1,66 @@
+"""Threshold rules. Every rule works on oriented scores (higher = better); keep score ≥ τ.
+
+- ``anchor-mean``: τ = mean anchor score (paper [A]'s rule).
+- ``anchor-quantile:Q``: τ = the Q-quantile of the anchor scores (0 < Q < 1).
+- ``fixed:V``: τ = V, given in the scorer's own units (e.g. a perplexity of 6.5).
+- ``drop-fraction:P``: no global τ; each client drops its lowest-scoring fraction P (a baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedqc.errors import FedqcError
+from fedqc.scoring.scorers import Scorer
+
+RULES = ("anchor-mean", "anchor-quantile:Q", "fixed:V", "drop-fraction:P")
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    value: float | None = None
+
+    @property
+    def is_global(self) -> bool:
+        return self.kind != "drop-fraction"
+
+    @property
+    def needs_anchors(self) -> bool:
+        return self.kind.startswith("anchor-")
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+
+def parse_rule(text: str) -> Rule:
+    kind, _, arg = text.strip().partition(":")
+    if kind == "anchor-mean" and not arg:
+        return Rule(kind)
+    if kind in {"anchor-quantile", "fixed", "drop-fraction"} and arg:
+        try:
+            value = float(arg)
+        except ValueError:
+            value = None
+        if value is not None and (kind == "fixed" or 0 <= value < 1):
+            if not (kind == "anchor-quantile" and value == 0):
+                return Rule(kind, value)
+    raise FedqcError(f"unknown threshold rule '{text}'; use one of: {', '.join(RULES)} "
+                     "(Q, P in [0, 1), e.g. anchor-quantile:0.1)")
+
+
+def global_threshold(rule: Rule, scorer: Scorer, anchor_oriented: np.ndarray | None) -> float | None:
+    """τ on the oriented scale, or None for the per-client ``drop-fraction`` rule."""
+    if rule.kind == "drop-fraction":
+        return None
+    if rule.kind == "fixed":
+        return scorer.direction * float(rule.value)
+    scores = np.asarray(anchor_oriented if anchor_oriented is not None else [], dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        raise FedqcError(f"rule '{rule}' needs anchor scores, but no anchor has a finite score")
+    if rule.kind == "anchor-mean":
+        return float(finite.mean())
+    return float(np.quantile(finite, rule.value))

@@ -1,0 +1,1 @@
+"""Scoring functions: one registry, each scorer declares its direction in one place."""

@@ -1,0 +1,1 @@
+"""Local LoRA training steps and held-out evaluation."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, and the demo federation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fedqc.data.demo import write_demo
+from fedqc.models.assets import smollm2_folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once into the fedqc cache."""
+    return smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small demo federation: 2 clients of 12 samples, 4 anchors, 6 eval samples."""
+    out = tmp_path_factory.mktemp("demo")
+    write_demo(out, num_clients=2, samples_per_client=12, num_anchors=4, num_eval=6,
+               contamination="0.25,0.5", seed=1)
+    return out
