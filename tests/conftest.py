@@ -24,11 +24,20 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -38,6 +47,13 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 def demo_dir(tmp_path_factory) -> Path:
     """A small demo federation: 2 clients of 12 samples, 4 anchors, 6 eval samples."""
     out = tmp_path_factory.mktemp("demo")
-    write_demo(out, num_clients=2, samples_per_client=12, num_anchors=4, num_eval=6,
-               contamination="0.25,0.5", seed=1)
+    write_demo(
+        out,
+        num_clients=2,
+        samples_per_client=12,
+        num_anchors=4,
+        num_eval=6,
+        contamination="0.25,0.5",
+        seed=1,
+    )
     return out

@@ -16,13 +16,20 @@ from fedqc.pipeline import new_run_dir, prepare, summarize
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir, demo_dir):
     run_dir = new_run_dir(str(tmp_path_factory.mktemp("run") / "r"), force=False)
-    cfg = Config.from_flat({
-        "model.name": str(tiny_model_dir), "model.max-length": 128,
-        "data.clients-dir": str(demo_dir / "clients"), "data.anchors": str(demo_dir / "anchors.jsonl"),
-        "data.eval": str(demo_dir / "eval.jsonl"), "quality.scorer": "ifd",
-        "train.rounds": 2, "train.local-steps": 2, "train.batch-size": 2,
-        "federation.fraction-evaluate": 1.0,
-    })
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 128,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.anchors": str(demo_dir / "anchors.jsonl"),
+            "data.eval": str(demo_dir / "eval.jsonl"),
+            "quality.scorer": "ifd",
+            "train.rounds": 2,
+            "train.local-steps": 2,
+            "train.batch-size": 2,
+            "federation.fraction-evaluate": 1.0,
+        }
+    )
     cfg = prepare(cfg, run_dir)
     run_simulation(cfg, cfg.data.num_clients)
     return cfg, run_dir

@@ -18,8 +18,12 @@ from rich.table import Table
 from fedqc.config import Config, ModelConfig, load_config
 from fedqc.errors import FedqcError
 
-app = typer.Typer(help="Data quality control for federated fine-tuning of LLMs, on Flower.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Data quality control for federated fine-tuning of LLMs, on Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Build federations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console()
@@ -30,21 +34,59 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [RichHandler(console=err_console, show_path=False)]
     if log_file is not None:
         file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
         handlers.append(file_handler)
-    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s", force=True)
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    for noisy in ("httpx", "filelock", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, handlers=handlers, format="%(message)s", force=True)
+    logging.getLogger("fedqc").setLevel(logging.INFO)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = verbose  # Flower prints its own log; ours stays readable without it
+    flwr_log.addFilter(_HideSimulationDeprecation())
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
+class _HideSimulationDeprecation(logging.Filter):
+    """`fedqc run` uses Flower's in-process simulation entry point on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err_console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+class _ProgressStages:
+    """Server stages as rich progress bars: one bar per stage, finished when the next begins."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.task = progress, None
+
+    def stage(self, description: str, total: int | None = None) -> None:
+        if self.task is not None:
+            self.progress.update(
+                self.task,
+                completed=self.progress.tasks[-1].total or 1,
+                total=self.progress.tasks[-1].total or 1,
+            )
+            self.progress.stop_task(self.task)
+        logging.getLogger("fedqc").info("%s", description)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
 
 
 def _refuse_overwrite(path: Path, force: bool) -> None:
@@ -79,7 +121,8 @@ def run(
         resolve(cfg.model.name)
         cfg = prepare(cfg, run_dir)
     logging.getLogger("fedqc").info("run directory: %s", run_dir)
-    run_simulation(cfg, cfg.data.num_clients)
+    with _progress() as progress:
+        run_simulation(cfg, cfg.data.num_clients, stages=_ProgressStages(progress))
     _print_summary(summarize(cfg), cfg)
     console.print(f"[bold]outputs:[/] {run_dir}")
 
@@ -87,8 +130,10 @@ def run(
 def _print_summary(summary: dict, cfg: Config) -> None:
     th = summary["threshold"]
     tau = "per-client" if th["tau"] is None else f"{th['tau_raw']:.4f}"
-    console.print(f"\n[bold]scorer[/] {th['scorer']} ({th['direction']})   [bold]rule[/] "
-                  f"{th['rule']}   [bold]τ[/] {tau}")
+    console.print(
+        f"\n[bold]scorer[/] {th['scorer']} ({th['direction']})   [bold]rule[/] "
+        f"{th['rule']}   [bold]τ[/] {tau}"
+    )
     table = Table(title="Selection per client (clean = positive)")
     for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
         table.add_column(col, justify="right")
@@ -97,23 +142,40 @@ def _print_summary(summary: dict, cfg: Config) -> None:
         return f"{row[key]:.3f}" if key in row else "–"
 
     for row in summary["clients"]:
-        table.add_row(str(row["client"]), str(row["total"]), str(row["kept"]),
-                      str(row["rejected"]), fmt(row, "precision"), fmt(row, "recall"),
-                      fmt(row, "f1"))
+        table.add_row(
+            str(row["client"]),
+            str(row["total"]),
+            str(row["kept"]),
+            str(row["rejected"]),
+            fmt(row, "precision"),
+            fmt(row, "recall"),
+            fmt(row, "f1"),
+        )
     total = sum(r["total"] for r in summary["clients"])
     kept = sum(r["kept"] for r in summary["clients"])
     sel = summary["selection"]
-    table.add_row("all", str(total), str(kept), str(total - kept), fmt(sel, "precision"),
-                  fmt(sel, "recall"), fmt(sel, "f1"), style="bold")
+    table.add_row(
+        "all",
+        str(total),
+        str(kept),
+        str(total - kept),
+        fmt(sel, "precision"),
+        fmt(sel, "recall"),
+        fmt(sel, "f1"),
+        style="bold",
+    )
     console.print(table)
     rounds = Table(title="Global model on the held-out set")
     for col in ("round", "eval loss", "eval ppl", "train loss"):
         rounds.add_column(col, justify="right")
     for r in summary["rounds"]:
         train = r.get("train_train_loss")
-        rounds.add_row(str(r["round"]), f"{r.get('eval_loss', math.nan):.4f}",
-                       f"{r.get('eval_ppl', math.nan):.3f}",
-                       "–" if train is None else f"{train:.4f}")
+        rounds.add_row(
+            str(r["round"]),
+            f"{r.get('eval_loss', math.nan):.4f}",
+            f"{r.get('eval_ppl', math.nan):.3f}",
+            "–" if train is None else f"{train:.4f}",
+        )
     console.print(rounds)
 
 
@@ -137,10 +199,13 @@ def score(
     scores = _score(model, max_length, samples, chosen)
     with open(out, "w", encoding="utf-8") as fh:
         for s, value in zip(samples, scores.raw, strict=True):
-            fh.write(json.dumps({"id": s.id, "score": _finite(value), "scorer": chosen.name}) + "\n")
-    console.print(f"scored {len(samples)} samples with {chosen.name} → {out}"
-                  + (f" ({scores.truncated} truncated to {max_length} tokens)" if scores.truncated
-                     else ""))
+            fh.write(
+                json.dumps({"id": s.id, "score": _finite(value), "scorer": chosen.name}) + "\n"
+            )
+    console.print(
+        f"scored {len(samples)} samples with {chosen.name} → {out}"
+        + (f" ({scores.truncated} truncated to {max_length} tokens)" if scores.truncated else "")
+    )
 
 
 def _score(model: str, max_length: int, samples, scorer):
@@ -152,8 +217,9 @@ def _score(model: str, max_length: int, samples, scorer):
     passes = 2 if scorer.needs_bare else 1
     with _progress() as progress:
         task = progress.add_task(f"scoring ({scorer.name})", total=len(samples) * passes)
-        return score_samples(loaded, samples, scorer, max_length,
-                             on_batch=lambda n: progress.advance(task, n))
+        return score_samples(
+            loaded, samples, scorer, max_length, on_batch=lambda n: progress.advance(task, n)
+        )
 
 
 def _finite(value: float) -> float | None:
@@ -164,8 +230,9 @@ def _finite(value: float) -> float | None:
 def threshold(
     anchors: Annotated[Path, typer.Argument(help="Trusted anchor samples.")],
     scorer: Annotated[str, typer.Option(help="ppl, cond-prob, ifd or ira.")],
-    rule: Annotated[str, typer.Option(help="anchor-mean, anchor-quantile:Q or fixed:V.")]
-    = "anchor-mean",
+    rule: Annotated[
+        str, typer.Option(help="anchor-mean, anchor-quantile:Q or fixed:V.")
+    ] = "anchor-mean",
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
 ) -> None:
@@ -178,8 +245,9 @@ def threshold(
     chosen, parsed = get_scorer(scorer), parse_rule(rule)
     if not parsed.is_global:
         raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
-    scores = _score(model, max_length, load_samples(anchors), chosen) if parsed.needs_anchors \
-        else None
+    scores = (
+        _score(model, max_length, load_samples(anchors), chosen) if parsed.needs_anchors else None
+    )
     tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
     keep = "≥" if chosen.direction > 0 else "≤"
     err_console.print(f"{chosen.name} {parsed}: keep samples with {chosen.name} {keep} τ")
@@ -197,7 +265,7 @@ def filter_(
     """Keep the samples whose score passes τ; writes them unchanged."""
     import numpy as np
 
-    from fedqc.data.samples import read_scores, load_records
+    from fedqc.data.samples import load_records, read_scores
     from fedqc.quality.selection import select
     from fedqc.scoring.scorers import get_scorer
 
@@ -207,15 +275,18 @@ def filter_(
     if ids != [s.id for s, _ in records]:
         raise FedqcError(f"{scores}: its ids do not match {data} line for line; re-run fedqc score")
     scorer = get_scorer(scorer_name)
-    selection = select(scorer.orient(np.array(values, dtype=np.float64)),
-                       tau=scorer.direction * threshold)
+    selection = select(
+        scorer.orient(np.array(values, dtype=np.float64)), tau=scorer.direction * threshold
+    )
     with open(out, "w", encoding="utf-8") as fh:
         for (_, record), keep in zip(records, selection.keep, strict=True):
             if keep:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    console.print(f"kept {selection.kept} of {len(records)} samples → {out} "
-                  f"({selection.rejected_below_threshold} below τ, "
-                  f"{selection.rejected_non_finite} without a finite score)")
+    console.print(
+        f"kept {selection.kept} of {len(records)} samples → {out} "
+        f"({selection.rejected_below_threshold} below τ, "
+        f"{selection.rejected_non_finite} without a finite score)"
+    )
 
 
 @data_app.command("demo")
@@ -232,8 +303,9 @@ def data_demo(
     if out.exists() and any(out.iterdir()) and not force:
         raise FedqcError(f"{out}: exists and is not empty; choose another --out or add --force")
     d = cfg.data
-    manifest = write_demo(out, d.num_clients, d.samples_per_client, d.num_anchors, d.num_eval,
-                          d.contamination, d.seed)
+    manifest = write_demo(
+        out, d.num_clients, d.samples_per_client, d.num_anchors, d.num_eval, d.contamination, d.seed
+    )
     for c in manifest["clients"]:
         console.print(f"client-{c['client']}: {c['samples']} samples, {c['corrupted']} corrupted")
     console.print(f"wrote {out}/clients, anchors.jsonl, eval.jsonl and truth/ (flags)")

@@ -7,6 +7,7 @@ same way: from flat dotted keys such as ``quality.scorer`` or ``train.local-step
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -152,6 +153,8 @@ def _coerce(value: Any, kind: type, key: str, source: str) -> Any:
                     raise ValueError(value)
                 return value.lower() in {"true", "1"}
             return bool(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return kind(value)
@@ -166,4 +169,4 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(str(value), ensure_ascii=False)  # JSON string escapes are valid TOML

@@ -28,15 +28,28 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
     """Resolve the data (building the demo federation if asked) and write the resolved config."""
     d = cfg.data
     if d.federation and d.federation not in DEMOS:
-        raise FedqcError(f"unknown demo federation '{d.federation}'; use one of {DEMOS}, or "
-                         "data.federation='' with data.clients-dir, data.anchors and data.eval")
+        raise FedqcError(
+            f"unknown demo federation '{d.federation}'; use one of {DEMOS}, or "
+            "data.federation='' with data.clients-dir, data.anchors and data.eval"
+        )
     if d.federation and not d.clients_dir:
         data_dir = run_dir / "data"
-        write_demo(data_dir, d.num_clients, d.samples_per_client, d.num_anchors, d.num_eval,
-                   d.contamination, d.seed)
-        cfg = cfg.replace(**{"data.clients-dir": str(data_dir / "clients"),
-                             "data.anchors": str(data_dir / "anchors.jsonl"),
-                             "data.eval": str(data_dir / "eval.jsonl")})
+        write_demo(
+            data_dir,
+            d.num_clients,
+            d.samples_per_client,
+            d.num_anchors,
+            d.num_eval,
+            d.contamination,
+            d.seed,
+        )
+        cfg = cfg.replace(
+            **{
+                "data.clients-dir": str(data_dir / "clients"),
+                "data.anchors": str(data_dir / "anchors.jsonl"),
+                "data.eval": str(data_dir / "eval.jsonl"),
+            }
+        )
     clients = Path(cfg.data.clients_dir)
     if not clients.is_dir():
         raise FedqcError(f"data.clients-dir '{clients}': folder not found")
@@ -63,9 +76,13 @@ def summarize(cfg: Config) -> dict:
     clients, all_keep, all_clean = [], [], []
     for stats in selection["clients"]:
         pid = int(stats.get("partition-id", -1))
-        row = {"client": pid, "total": int(stats["total"]), "kept": int(stats["kept"]),
-               "rejected": int(stats["total"]) - int(stats["kept"]),
-               "truncated": int(stats["truncated"])}
+        row = {
+            "client": pid,
+            "total": int(stats["total"]),
+            "kept": int(stats["kept"]),
+            "rejected": int(stats["total"]) - int(stats["kept"]),
+            "truncated": int(stats["truncated"]),
+        }
         truth = truth_dir / f"client-{pid}.jsonl"
         scores = run_dir / "clients" / f"client-{pid}" / "scores.jsonl"
         if truth.is_file() and scores.is_file():
@@ -77,10 +94,15 @@ def summarize(cfg: Config) -> dict:
             all_keep.append(k)
             all_clean.append(c)
         clients.append(row)
-    overall = selection_metrics(np.concatenate(all_keep), np.concatenate(all_clean)) \
-        if all_keep else {}
-    summary = {"threshold": threshold, "clients": clients, "selection": overall,
-               "rounds": _read(run_dir / "metrics.json")}
+    overall = (
+        selection_metrics(np.concatenate(all_keep), np.concatenate(all_clean)) if all_keep else {}
+    )
+    summary = {
+        "threshold": threshold,
+        "clients": clients,
+        "selection": overall,
+        "rounds": _read(run_dir / "metrics.json"),
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

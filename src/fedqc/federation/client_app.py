@@ -1,7 +1,7 @@
 """The ClientApp: score local data, keep what passes τ, train LoRA on the kept samples.
 
 Everything per-sample (text, token ids, scores, decisions) stays on the node: it is written to the
-node's own output folder and kept in ``context.state``; replies carry counts and adapter arrays only.
+node's own output folder and kept in ``context.state``; replies carry counts and adapter arrays.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from fedqc.config import Config
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample, load_samples
+from fedqc.federation.privacy import outgoing_guard
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
 from fedqc.quality.selection import select
 from fedqc.scoring.scorers import get_scorer, score_samples
@@ -29,9 +30,12 @@ log = logging.getLogger(__name__)
 STATE_KEY = "fedqc-selection"
 
 
-def build_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp using ``cfg``, or (when None) the run config that Flower passes."""
-    app = ClientApp()
+def build_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
+    """A ClientApp using ``cfg``, or (when None) the run config that Flower passes.
+
+    Every reply passes the privacy guard; extra ``mods`` run outside it (they see what leaves).
+    """
+    app = ClientApp(mods=[*(mods or []), outgoing_guard])
 
     def config_of(context: Context) -> Config:
         return cfg if cfg is not None else Config.from_flat(dict(context.run_config), "run config")
@@ -90,8 +94,11 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     scores = score_samples(loaded, samples, scorer, cfg.model.max_length, int(qc["batch-tokens"]))
     seconds = time.perf_counter() - start
     tau, drop = float(qc["tau"]), float(qc["drop-fraction"])
-    selection = select(scores.oriented, tau=None if math.isnan(tau) else tau,
-                       drop_fraction=drop if math.isnan(tau) else None)
+    selection = select(
+        scores.oriented,
+        tau=None if math.isnan(tau) else tau,
+        drop_fraction=drop if math.isnan(tau) else None,
+    )
     _write_local(out_dir, samples, scores.raw, selection.keep, str(qc["scorer"]), tau)
     context.state[STATE_KEY] = ConfigRecord(
         {"keep": np.packbits(selection.keep).tobytes(), "n": len(samples), "data": str(data_path)}
@@ -127,11 +134,21 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
         tok = loaded.tokenizer
         pid = int(context.node_config.get("partition-id", 0))
         seed = int(tc["seed"]) * 1_000_003 + int(tc["server-round"]) * 1_009 + pid
-        loss = train_steps(loaded.model, encode_all(tok, kept, int(tc["max-length"])),
-                           tok.pad_token_id, int(tc["local-steps"]), int(tc["batch-size"]),
-                           float(tc["lr"]), float(tc["weight-decay"]), seed)
-    metrics = {"num-examples": len(kept), "train-loss": loss,
-               "train-seconds": time.perf_counter() - start}
+        loss = train_steps(
+            loaded.model,
+            encode_all(tok, kept, int(tc["max-length"])),
+            tok.pad_token_id,
+            int(tc["local-steps"]),
+            int(tc["batch-size"]),
+            float(tc["lr"]),
+            float(tc["weight-decay"]),
+            seed,
+        )
+    metrics = {
+        "num-examples": len(kept),
+        "train-loss": loss,
+        "train-seconds": time.perf_counter() - start,
+    }
     arrays = ArrayRecord(get_adapter_state(loaded.model))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
 
@@ -148,16 +165,21 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> RecordDict:
     return RecordDict({"metrics": MetricRecord({"num-examples": len(kept), "eval-loss": loss})})
 
 
-def _write_local(out_dir: Path, samples: list[Sample], raw: np.ndarray, keep: np.ndarray,
-                 scorer: str, tau: float) -> None:
+def _write_local(
+    out_dir: Path, samples: list[Sample], raw: np.ndarray, keep: np.ndarray, scorer: str, tau: float
+) -> None:
     """Per-sample scores and decisions, written on the node only."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as fh:
         for s, score, k in zip(samples, raw, keep, strict=True):
             value = float(score) if np.isfinite(score) else None
             fh.write(json.dumps({"id": s.id, "score": value, "keep": bool(k)}) + "\n")
-    summary = {"scorer": scorer, "tau": None if math.isnan(tau) else tau,
-               "total": len(samples), "kept": int(keep.sum())}
+    summary = {
+        "scorer": scorer,
+        "tau": None if math.isnan(tau) else tau,
+        "total": len(samples),
+        "kept": int(keep.sum()),
+    }
     (out_dir / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

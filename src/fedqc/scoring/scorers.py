@@ -39,14 +39,34 @@ class Scorer:
 SCORERS: dict[str, Scorer] = {
     s.name: s
     for s in [
-        Scorer("ppl", LOWER_IS_BETTER, False, lambda c, b: np.exp(c),
-               "perplexity of the response given the prompt, exp ℓ(r|q)"),
-        Scorer("cond-prob", HIGHER_IS_BETTER, False, lambda c, b: -c,
-               "mean log-probability of the response given the prompt, −ℓ(r|q)"),
-        Scorer("ifd", LOWER_IS_BETTER, True, lambda c, b: c / b,
-               "instruction-following difficulty ℓ(r|q)/ℓ(r) (Cherry LLM); ≥ 1: prompt does not help"),
-        Scorer("ira", HIGHER_IS_BETTER, True, lambda c, b: b - c,
-               "instruction-response alignment ℓ(r) − ℓ(r|q) (FedDQC), per-token means"),
+        Scorer(
+            "ppl",
+            LOWER_IS_BETTER,
+            False,
+            lambda c, b: np.exp(c),
+            "perplexity of the response given the prompt, exp ℓ(r|q)",
+        ),
+        Scorer(
+            "cond-prob",
+            HIGHER_IS_BETTER,
+            False,
+            lambda c, b: -c,
+            "mean log-probability of the response given the prompt, −ℓ(r|q)",
+        ),
+        Scorer(
+            "ifd",
+            LOWER_IS_BETTER,
+            True,
+            lambda c, b: c / b,
+            "instruction-following difficulty ℓ(r|q)/ℓ(r) (Cherry LLM); ≥ 1: prompt does not help",
+        ),
+        Scorer(
+            "ira",
+            HIGHER_IS_BETTER,
+            True,
+            lambda c, b: b - c,
+            "instruction-response alignment ℓ(r) − ℓ(r|q) (FedDQC), per-token means",
+        ),
     ]
 }
 

@@ -12,8 +12,16 @@ from fedqc.data.encoding import Encoded, collate
 from fedqc.models.likelihood import batch_nll, response_nll
 
 
-def train_steps(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, steps: int,
-                batch_size: int, lr: float, weight_decay: float = 0.0, seed: int = 0) -> float:
+def train_steps(
+    model: torch.nn.Module,
+    encoded: list[Encoded],
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> float:
     """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss."""
     if not encoded:
         raise ValueError("no samples to train on")
@@ -35,8 +43,9 @@ def train_steps(model: torch.nn.Module, encoded: list[Encoded], pad_id: int, ste
     return float(np.mean(losses))
 
 
-def evaluate(model: torch.nn.Module, encoded: list[Encoded], pad_id: int,
-             batch_tokens: int = 4096) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, encoded: list[Encoded], pad_id: int, batch_tokens: int = 4096
+) -> dict[str, float]:
     """Token-weighted mean response loss over a held-out set, and its perplexity."""
     sums, counts = response_nll(model, encoded, pad_id, batch_tokens)
     loss = float(sums.sum() / max(counts.sum(), 1))

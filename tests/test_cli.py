@@ -1,0 +1,207 @@
+"""The `fedqc` console script end to end, in subprocesses (as a user runs it).
+
+Each process pays for importing torch and transformers, so the independent commands are started
+together in one fixture and checked in separate tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedqc.config import ModelConfig
+from fedqc.data.samples import load_samples
+from fedqc.models.loading import load
+from fedqc.scoring.scorers import get_scorer, score_samples
+
+FEDQC = Path(sys.executable).with_name("fedqc")
+MAX_LENGTH = 128
+SMALL_DEMO = [
+    "--set",
+    "data.num-clients=2",
+    "--set",
+    "data.samples-per-client=6",
+    "--set",
+    "data.num-anchors=3",
+    "--set",
+    "data.num-eval=2",
+    "--set",
+    "data.contamination=0.5",
+]
+
+
+def start(*args, cwd: Path) -> subprocess.Popen:
+    command = (
+        [str(FEDQC)]
+        if FEDQC.exists()
+        else [sys.executable, "-c", "from fedqc.cli import main; main()"]
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.Popen(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def fedqc(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return finish(start(*args, cwd=cwd))
+
+
+def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("cli")
+    result = fedqc("data", "demo", "--out", "demo", *SMALL_DEMO, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "demo"
+
+
+@pytest.fixture(scope="module")
+def runs(demo, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
+    """Every command that needs nothing but the demo folder, run side by side."""
+    cwd = demo.parent
+    data, model = demo / "clients" / "client-0.jsonl", ["--model", tiny_model_dir]
+    (cwd / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n')
+    started = {
+        "score": start(
+            "score",
+            data,
+            "--scorer",
+            "ppl",
+            *model,
+            "--max-length",
+            MAX_LENGTH,
+            "--out",
+            "scores.jsonl",
+            cwd=cwd,
+        ),
+        "threshold": start(
+            "threshold",
+            demo / "anchors.jsonl",
+            "--scorer",
+            "ppl",
+            "--rule",
+            "anchor-mean",
+            *model,
+            "--max-length",
+            MAX_LENGTH,
+            cwd=cwd,
+        ),
+        "unknown-scorer": start(
+            "score", data, "--scorer", "nope", *model, "--out", "x.jsonl", cwd=cwd
+        ),
+        "malformed": start(
+            "score", cwd / "bad.jsonl", "--scorer", "ppl", *model, "--out", "y.jsonl", cwd=cwd
+        ),
+        "missing": start(
+            "score", cwd / "missing.jsonl", "--scorer", "ppl", *model, "--out", "z.jsonl", cwd=cwd
+        ),
+        "run-unknown-key": start("run", "--set", "train.nope=1", "--out", "run", cwd=cwd),
+    }
+    return {name: finish(process) for name, process in started.items()}
+
+
+@pytest.fixture(scope="module")
+def scored(demo, runs) -> tuple[Path, Path]:
+    assert runs["score"].returncode == 0, runs["score"].stderr
+    return demo / "clients" / "client-0.jsonl", demo.parent / "scores.jsonl"
+
+
+def test_data_demo_writes_files_and_refuses_to_overwrite(demo):
+    files = sorted(p for p in demo.rglob("*") if p.is_file())
+    names = {str(p.relative_to(demo)) for p in files}
+    assert {
+        "anchors.jsonl",
+        "eval.jsonl",
+        "manifest.json",
+        "clients/client-0.jsonl",
+        "clients/client-1.jsonl",
+        "truth/client-0.jsonl",
+        "truth/client-1.jsonl",
+    } <= names
+    assert len((demo / "clients" / "client-1.jsonl").read_text().splitlines()) == 6
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    again = fedqc("data", "demo", "--out", demo.name, "--set", "data.seed=9", cwd=demo.parent)
+    assert_user_error(again, "exists and is not empty")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+    assert sorted(p for p in demo.rglob("*") if p.is_file()) == files
+
+
+def test_score_writes_one_line_per_sample_in_order(scored):
+    data, out = scored
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [s.id for s in load_samples(data)]
+    assert all(r["scorer"] == "ppl" and r["score"] > 1.0 for r in rows)
+
+
+def test_threshold_prints_the_anchor_mean(demo, runs, tiny_model_dir):
+    result = runs["threshold"]
+    assert result.returncode == 0, result.stderr
+    tau = float(result.stdout.strip())
+    loaded = load(ModelConfig(name=str(tiny_model_dir), max_length=MAX_LENGTH))
+    anchors = load_samples(demo / "anchors.jsonl")
+    ppl = score_samples(loaded, anchors, get_scorer("ppl"), MAX_LENGTH).raw
+    assert tau == pytest.approx(float(np.mean(ppl)), rel=1e-5)
+
+
+def test_filter_keeps_samples_with_ppl_at_most_tau(scored):
+    data, scores = scored
+    ppl = {r["id"]: r["score"] for r in map(json.loads, scores.read_text().splitlines())}
+    tau = sorted(ppl.values())[len(ppl) // 2]  # a score itself: ties at τ are kept
+    out = scores.parent / "kept.jsonl"
+    result = fedqc(
+        "filter",
+        data,
+        "--scores",
+        scores,
+        "--threshold",
+        repr(tau),
+        "--out",
+        out,
+        cwd=scores.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    originals = [json.loads(line) for line in data.read_text().splitlines()]
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert kept == [r for r in originals if ppl[r["id"]] <= tau]
+    assert 0 < len(kept) < len(originals)
+
+
+def test_unknown_scorer(runs, demo):
+    assert_user_error(runs["unknown-scorer"], "unknown scorer 'nope'")
+    assert not (demo.parent / "x.jsonl").exists()
+
+
+def test_malformed_json_names_file_and_line(runs, demo):
+    assert_user_error(runs["malformed"], f"{demo.parent / 'bad.jsonl'}:2: malformed JSON")
+
+
+def test_missing_data_file(runs, demo):
+    assert_user_error(runs["missing"], f"{demo.parent / 'missing.jsonl'}: file not found")
+
+
+def test_run_with_unknown_set_key(runs, demo):
+    assert_user_error(runs["run-unknown-key"], "unknown config key 'train.nope'")
+    assert not (demo.parent / "run").exists()
