@@ -107,19 +107,21 @@ def run(
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
     force: Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run directory from its last round.")
+    ] = None,
+    allow_empty: Annotated[
+        bool, typer.Option(help="Go on (no training) when τ drops every sample.")
+    ] = False,
 ) -> None:
     """Run the whole pipeline: anchors → τ → client selection → federated LoRA → report."""
+    from fedqc.pipeline import open_run, summarize
+
+    with console.status("checking model and data (the first run converts SmolLM2 once)"):
+        cfg, run_dir = open_run(config, set_, out, force, allow_empty, resume)
     from fedqc.federation.simulation import run_simulation
-    from fedqc.pipeline import new_run_dir, prepare, summarize
 
-    cfg = load_config(config, set_)
-    run_dir = new_run_dir(out, force)
     _setup_logging(verbose, run_dir / "fedqc.log")
-    with console.status("preparing model and data (the first run converts SmolLM2 once)"):
-        from fedqc.models.loading import resolve
-
-        resolve(cfg.model.name)
-        cfg = prepare(cfg, run_dir)
     logging.getLogger("fedqc").info("run directory: %s", run_dir)
     with _progress() as progress:
         run_simulation(cfg, cfg.data.num_clients, stages=_ProgressStages(progress))
@@ -177,6 +179,10 @@ def _print_summary(summary: dict, cfg: Config) -> None:
             "–" if train is None else f"{train:.4f}",
         )
     console.print(rounds)
+    from fedqc.pipeline import summary_notes
+
+    for note in summary_notes(summary):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()
@@ -317,3 +323,6 @@ def main() -> None:
     except FedqcError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: continue a run with fedqc run --resume RUN_DIR")
+        sys.exit(130)

@@ -45,6 +45,8 @@ class QualityConfig:
     scorer: str = "ppl"
     rule: str = "anchor-mean"
     batch_tokens: int = 4096  # token budget of one scoring batch
+    allow_empty: bool = False  # go on (without training) when τ drops every sample
+    dp_epsilon: float = 0.0  # > 0: Laplace(1/ε) noise on every count a client reports
 
 
 @dataclass
@@ -55,11 +57,16 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     seed: int = 0
+    lr_schedule: str = "constant"  # or "cosine": lr → lr/10 over the rounds (by absolute round)
+    dp_mode: str = "off"  # DP-FedAvg: "server" or "client" clipping (Flower's DP wrappers)
+    dp_noise_multiplier: float = 1.0  # Gaussian noise std = multiplier × clipping norm / clients
+    dp_clipping_norm: float = 1.0  # L2 bound on one client's adapter update per round
 
 
 @dataclass
 class FederationConfig:
-    min_nodes: int = 0  # 0: every client of the federation
+    min_nodes: int = 1  # fewest nodes that must answer a round; fewer stops the run (resumable)
+    join_timeout: float = 600.0  # at start: wait this long for all data.num-clients nodes
     timeout: float = 3600.0  # seconds to wait for replies in one round
     client_cpus: int = 1  # simulation: CPUs per ClientApp
     fraction_evaluate: float = 0.0  # share of clients that also evaluate the global adapter locally
@@ -68,6 +75,22 @@ class FederationConfig:
 @dataclass
 class OutputConfig:
     run_dir: str = ""  # empty: runs/<timestamp>
+    resume: bool = False  # continue the run in run-dir from its last checkpoint
+    force: bool = False  # write over a previous run's outputs in run-dir
+
+
+# Keys with a fixed set of values, keys with a lower bound, and keys that must be positive.
+CHOICES = {
+    "train.lr-schedule": ("constant", "cosine"),
+    "train.dp-mode": ("off", "server", "client"),
+}
+AT_LEAST = {
+    "quality.dp-epsilon": 0.0,
+    "train.rounds": 0,
+    "train.dp-noise-multiplier": 0.0,
+    "federation.min-nodes": 1,
+}
+POSITIVE = {"train.dp-clipping-norm"}
 
 
 @dataclass
@@ -104,7 +127,17 @@ class Config:
             known = ", ".join(self.to_flat())
             raise FedqcError(f"{source}: unknown config key '{key}'. Known keys: {known}")
         default = getattr(type(section)(), attr)
-        setattr(section, attr, _coerce(value, type(default), key, source))
+        value = _coerce(value, type(default), key, source)
+        flat_key = f"{section_name}.{attr.replace('_', '-')}"
+        if flat_key in CHOICES and value not in CHOICES[flat_key]:
+            raise FedqcError(
+                f"{source}: '{key}' must be one of {', '.join(CHOICES[flat_key])}, got {value!r}"
+            )
+        if flat_key in AT_LEAST and not value >= AT_LEAST[flat_key]:
+            raise FedqcError(f"{source}: '{key}' must be ≥ {AT_LEAST[flat_key]}, got {value!r}")
+        if flat_key in POSITIVE and not value > 0:
+            raise FedqcError(f"{source}: '{key}' must be > 0, got {value!r}")
+        setattr(section, attr, value)
 
     def replace(self, **flat: Any) -> Config:
         """A copy with some dotted keys changed (keys use '.' and '-' like to_flat())."""

@@ -1,4 +1,9 @@
-"""`fedqc run`: prepare a run directory, run the federation, and summarise what happened."""
+"""`fedqc run`: check the inputs, prepare a run directory, run the federation, and summarise.
+
+Every user mistake is found before anything is written or started: :func:`check_inputs` reads the
+config's names (scorer, rule, model) and every data file; :func:`prepare` then writes the run
+directory; :func:`prepare_resume` reopens one to continue it from its last checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedqc.config import Config
+from fedqc.config import Config, load_config
 from fedqc.data.demo import write_demo
+from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
 from fedqc.quality.selection import selection_metrics
 
@@ -24,14 +30,59 @@ def new_run_dir(out: str | None, force: bool) -> Path:
     return run_dir
 
 
-def prepare(cfg: Config, run_dir: Path) -> Config:
-    """Resolve the data (building the demo federation if asked) and write the resolved config."""
+def check_inputs(cfg: Config) -> None:
+    """Stop with one clear line on a bad scorer, rule, model or data file (writes nothing)."""
+    from fedqc.models.loading import load
+    from fedqc.quality.rules import global_threshold, parse_rule
+    from fedqc.scoring.scorers import get_scorer
+
+    scorer, rule = get_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     d = cfg.data
     if d.federation and d.federation not in DEMOS:
         raise FedqcError(
             f"unknown demo federation '{d.federation}'; use one of {DEMOS}, or "
             "data.federation='' with data.clients-dir, data.anchors and data.eval"
         )
+    num_anchors = d.num_anchors
+    if not d.federation or d.clients_dir:
+        if not d.clients_dir:
+            raise FedqcError("data.federation='' needs data.clients-dir (client-<i>.jsonl files)")
+        for path in client_files(Path(d.clients_dir)):
+            load_samples(path)
+        if d.eval:
+            load_samples(d.eval)
+        num_anchors = len(load_samples(d.anchors)) if d.anchors else 0
+    if rule.needs_anchors:
+        if num_anchors == 0:
+            raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")
+        # The rule decides how many anchors it needs: let it try that many placeholder scores.
+        placeholder = np.arange(num_anchors, dtype=np.float64)
+        if getattr(rule, "needs_histograms", False):
+            from fedqc.quality.mixture import histogram_edges
+
+            histogram_edges(placeholder)
+        else:
+            global_threshold(rule, scorer, placeholder)
+    load(cfg.model)  # a model that does not exist or does not take the LoRA targets
+
+
+def client_files(clients: Path) -> list[Path]:
+    """client-0.jsonl, client-1.jsonl, ... (consecutive) in a clients folder."""
+    if not clients.is_dir():
+        raise FedqcError(f"data.clients-dir '{clients}': folder not found")
+    files = []
+    while (clients / f"client-{len(files)}.jsonl").is_file():
+        files.append(clients / f"client-{len(files)}.jsonl")
+    if not files:
+        raise FedqcError(f"{clients}: holds no client-0.jsonl (one client-<i>.jsonl per client)")
+    return files
+
+
+def prepare(cfg: Config, run_dir: Path) -> Config:
+    """Resolve the data (building the demo federation if asked) and write the resolved config."""
+    d = cfg.data
+    if d.federation and d.federation not in DEMOS:
+        raise FedqcError(f"unknown demo federation '{d.federation}'; use one of {DEMOS}")
     if d.federation and not d.clients_dir:
         data_dir = run_dir / "data"
         write_demo(
@@ -50,14 +101,7 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
                 "data.eval": str(data_dir / "eval.jsonl"),
             }
         )
-    clients = Path(cfg.data.clients_dir)
-    if not clients.is_dir():
-        raise FedqcError(f"data.clients-dir '{clients}': folder not found")
-    n = 0
-    while (clients / f"client-{n}.jsonl").is_file():
-        n += 1
-    if n == 0:
-        raise FedqcError(f"{clients}: holds no client-0.jsonl (one client-<i>.jsonl per client)")
+    n = len(client_files(Path(cfg.data.clients_dir)))
     for key in ("anchors", "eval"):
         path = getattr(cfg.data, key)
         if path and not Path(path).is_file():
@@ -65,6 +109,85 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
     cfg = cfg.replace(**{"data.num-clients": n, "output.run-dir": str(run_dir)})
     (run_dir / "config.toml").write_text(cfg.to_toml())
     return cfg
+
+
+def prepare_resume(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The config of an interrupted run, ready to continue from its last checkpoint.
+
+    ``overrides`` (``key=value``) may change only what does not change a round's result:
+    train.rounds (to run longer) and federation.*.
+    """
+    from fedqc.federation.checkpoint import RESUMABLE_CHANGES, check_resumable, load_checkpoint
+
+    if not (run_dir / "config.toml").is_file():
+        raise FedqcError(f"{run_dir}: not a fedqc run directory (no config.toml)")
+    state, _ = load_checkpoint(run_dir)  # a clear error when there is none
+    saved = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", overrides)
+    for key in (k for k, v in cfg.to_flat().items() if saved.to_flat()[k] != v):
+        if not key.startswith(RESUMABLE_CHANGES) or key.startswith("output."):
+            raise FedqcError(
+                f"--set {key}: a resumed run keeps its config; only train.rounds and "
+                "federation.* may change"
+            )
+    check_resumable(state["config"], cfg.to_flat())
+    if state["round"] >= cfg.train.rounds and (run_dir / "adapter").is_dir():
+        raise FedqcError(
+            f"{run_dir}: finished all {cfg.train.rounds} rounds; nothing to resume "
+            "(--set train.rounds=N runs it longer)"
+        )
+    cfg = cfg.replace(**{"output.run-dir": str(run_dir), "output.resume": True})
+    check_inputs(cfg)
+    (run_dir / "config.toml").write_text(cfg.replace(**{"output.resume": False}).to_toml())
+    return cfg
+
+
+def open_run(
+    config: str | Path | None,
+    overrides: list[str] | None,
+    out: str | None,
+    force: bool = False,
+    allow_empty: bool = False,
+    resume: str | Path | None = None,
+) -> tuple[Config, Path]:
+    """What `fedqc run` does before the federation starts: (config, run directory).
+
+    A new run checks every input first, then creates the run directory (refusing a non-empty one
+    without ``force``) and prepares it. ``resume`` reopens an interrupted run instead.
+    """
+    if resume is not None:
+        given = [f for f, v in (("--config", config), ("--out", out), ("--force", force)) if v]
+        if allow_empty:
+            given.append("--allow-empty")
+        if given:
+            raise FedqcError(
+                f"--resume continues a run with its own config and directory; drop {given[0]}"
+            )
+        return prepare_resume(Path(resume), overrides), Path(resume)
+    cfg = load_config(config, overrides)
+    cfg = cfg.replace(**{"quality.allow-empty": allow_empty or cfg.quality.allow_empty})
+    check_inputs(cfg)
+    run_dir = new_run_dir(out, force)
+    cfg = cfg.replace(**{"output.force": force, "output.resume": False})
+    return prepare(cfg, run_dir), run_dir
+
+
+def summary_notes(summary: dict) -> list[str]:
+    """What the summary table does not show: truncation, non-finite scores, sit-outs, dropouts."""
+    notes = []
+    clients = summary["clients"]
+    if n := sum(c["truncated"] for c in clients):
+        notes.append(f"{n} samples were longer than model.max-length and were truncated")
+    if n := sum(c.get("rejected_non_finite", 0) for c in clients):
+        notes.append(f"{n} samples had no finite score (NaN or ±inf) and were rejected")
+    for c in clients:
+        if c.get("sat_out"):
+            notes.append(f"client {c['client']} kept no samples and sat out training")
+    for d in summary.get("dropouts", []):
+        where = "the quality round" if d["phase"].startswith("query") else f"round {d['round']}"
+        who = f"client {d['client']}" if d["client"] >= 0 else f"node {d['node']}"
+        notes.append(f"{who} dropped out of {where} ({d['phase']}): {d['reason']}")
+    return notes
 
 
 def summarize(cfg: Config) -> dict:
@@ -80,8 +203,10 @@ def summarize(cfg: Config) -> dict:
             "client": pid,
             "total": int(stats["total"]),
             "kept": int(stats["kept"]),
-            "rejected": int(stats["total"]) - int(stats["kept"]),
+            "rejected": max(0, int(stats["total"]) - int(stats["kept"])),
+            "rejected_non_finite": int(stats["rejected-non-finite"]),
             "truncated": int(stats["truncated"]),
+            "sat_out": int(stats["kept"]) == 0,
         }
         truth = truth_dir / f"client-{pid}.jsonl"
         scores = run_dir / "clients" / f"client-{pid}" / "scores.jsonl"
@@ -102,9 +227,30 @@ def summarize(cfg: Config) -> dict:
         "clients": clients,
         "selection": overall,
         "rounds": _read(run_dir / "metrics.json"),
+        "dropouts": dropouts(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def dropouts(run_dir: Path) -> list[dict]:
+    """Every node that was asked and did not answer: phase, round, node, client, reason."""
+    path = run_dir / "participation.json"
+    if not path.is_file():
+        return []
+    selection = _read(run_dir / "selection.json")
+    client_of = {s["node"]: s.get("partition-id", -1) for s in selection["clients"]}
+    return [
+        {
+            "phase": e["phase"],
+            "round": e["round"],
+            "node": d["node"],
+            "client": client_of.get(d["node"], -1),
+            "reason": d["reason"],
+        }
+        for e in _read(path)
+        for d in e["dropped"]
+    ]
 
 
 def _read(path: Path):

@@ -2,6 +2,7 @@
 
 Everything per-sample (text, token ids, scores, decisions) stays on the node: it is written to the
 node's own output folder and kept in ``context.state``; replies carry counts and adapter arrays.
+A node with no kept samples sits out training (the server does not sample it).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedqc.config import Config
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample, load_samples
-from fedqc.federation.privacy import outgoing_guard
+from fedqc.federation.privacy import noisy_count, outgoing_guard
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
 from fedqc.quality.selection import select
 from fedqc.scoring.scorers import get_scorer, score_samples
@@ -44,7 +47,7 @@ def build_client_app(cfg: Config | None = None, mods: list | None = None) -> Cli
     def score(msg: Message, context: Context) -> Message:
         return Message(handle_score(msg, context, config_of(context)), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         return Message(handle_train(msg, context, config_of(context)), reply_to=msg)
 
@@ -53,6 +56,28 @@ def build_client_app(cfg: Config | None = None, mods: list | None = None) -> Cli
         return Message(handle_evaluate(msg, context, config_of(context)), reply_to=msg)
 
     return app
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """DP-FedAvg with client-side clipping: Flower's ``fixedclipping_mod`` when the server asks.
+
+    The server's ``DifferentialPrivacyClientSideFixedClipping`` puts the clipping norm in the
+    training config; without it (no DP, or server-side clipping) the reply passes unchanged.
+    """
+    if KEY_CLIPPING_NORM in msg.content.get("config", {}):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def round_lr(lr: float, schedule: str, absolute_round: int, total_rounds: int) -> float:
+    """The learning rate of one round: constant, or cosine from lr down to lr/10 over the run.
+
+    It depends on the absolute round (counted from the start of the run, across resumes).
+    """
+    if schedule == "cosine" and total_rounds > 1:
+        low, progress = lr / 10, (absolute_round - 1) / (total_rounds - 1)
+        return low + 0.5 * (lr - low) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return lr
 
 
 def node_paths(context: Context, cfg: Config) -> tuple[Path, Path, int]:
@@ -100,19 +125,29 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
         drop_fraction=drop if math.isnan(tau) else None,
     )
     _write_local(out_dir, samples, scores.raw, selection.keep, str(qc["scorer"]), tau)
-    context.state[STATE_KEY] = ConfigRecord(
-        {"keep": np.packbits(selection.keep).tobytes(), "n": len(samples), "data": str(data_path)}
-    )
     counts = {
         "total": len(samples),
         "kept": selection.kept,
         "rejected-below-threshold": selection.rejected_below_threshold,
         "rejected-non-finite": selection.rejected_non_finite,
         "truncated": scores.truncated,
-        "partition-id": pid,
-        "score-seconds": seconds,
     }
-    return RecordDict({"stats": MetricRecord(counts)})
+    epsilon = cfg.quality.dp_epsilon
+    if epsilon > 0:  # every count with its own Laplace(1/ε) noise, from the OS's entropy
+        rng = np.random.default_rng()
+        counts = {k: noisy_count(v, epsilon, rng) for k, v in counts.items()}
+    # Training reports the same (possibly noisy) kept count: repeating a released value is free.
+    context.state[STATE_KEY] = ConfigRecord(
+        {
+            "keep": np.packbits(selection.keep).tobytes(),
+            "n": len(samples),
+            "data": str(data_path),
+            "out": str(out_dir),
+            "reported-kept": counts["kept"],
+        }
+    )
+    extra = {"partition-id": pid} | ({} if epsilon > 0 else {"score-seconds": seconds})
+    return RecordDict({"stats": MetricRecord(counts | extra)})
 
 
 def _kept_samples(context: Context) -> list[Sample]:
@@ -124,33 +159,57 @@ def _kept_samples(context: Context) -> list[Sample]:
     return [s for s, k in zip(samples, keep, strict=True) if k]
 
 
+def _reported_kept(context: Context) -> int:
+    return int(context.state[STATE_KEY]["reported-kept"])
+
+
 def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
-    """Phase 2 on a client: local LoRA steps on the kept samples; reply adapter + counts."""
+    """Phase 2 on a client: local LoRA steps on the kept samples; reply adapter + counts.
+
+    Batches and LoRA dropout are seeded, and the learning rate set, by the absolute round, so a
+    resumed run continues exactly where it stopped.
+    """
     tc = msg.content["config"]
     kept = _kept_samples(context)
+    absolute_round = int(tc["server-round"]) + int(tc.get("round-offset", 0))
+    journal = Path(str(context.state[STATE_KEY]["out"])) / "train.jsonl"
+    _journal(journal, {"round": absolute_round, "event": "start", "kept": len(kept)})
     loaded = _model(cfg, msg.content["arrays"])
     loss, start = 0.0, time.perf_counter()
+    lr = round_lr(
+        float(tc["lr"]),
+        str(tc.get("lr-schedule", "constant")),
+        absolute_round,
+        int(tc.get("total-rounds", 1)),
+    )
     if kept:
         tok = loaded.tokenizer
         pid = int(context.node_config.get("partition-id", 0))
-        seed = int(tc["seed"]) * 1_000_003 + int(tc["server-round"]) * 1_009 + pid
+        seed = int(tc["seed"]) * 1_000_003 + absolute_round * 1_009 + pid
         loss = train_steps(
             loaded.model,
             encode_all(tok, kept, int(tc["max-length"])),
             tok.pad_token_id,
             int(tc["local-steps"]),
             int(tc["batch-size"]),
-            float(tc["lr"]),
+            lr,
             float(tc["weight-decay"]),
             seed,
         )
-    metrics = {
-        "num-examples": len(kept),
-        "train-loss": loss,
-        "train-seconds": time.perf_counter() - start,
-    }
+    seconds = time.perf_counter() - start
+    _journal(journal, {"round": absolute_round, "event": "done", "lr": lr, "train-loss": loss})
+    metrics = {"num-examples": _reported_kept(context), "train-loss": loss}
+    if cfg.quality.dp_epsilon <= 0:
+        metrics["train-seconds"] = seconds
     arrays = ArrayRecord(get_adapter_state(loaded.model))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+
+
+def _journal(path: Path, entry: dict) -> None:
+    """The node's own record of what it did (stays on the node)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"time": time.time(), **entry}) + "\n")
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: Config) -> RecordDict:
@@ -162,7 +221,8 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> RecordDict:
         tok = loaded.tokenizer
         encoded = encode_all(tok, kept, cfg.model.max_length)
         loss = evaluate(loaded.model, encoded, tok.pad_token_id)["eval_loss"]
-    return RecordDict({"metrics": MetricRecord({"num-examples": len(kept), "eval-loss": loss})})
+    metrics = {"num-examples": _reported_kept(context), "eval-loss": loss}
+    return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 def _write_local(

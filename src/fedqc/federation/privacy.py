@@ -3,15 +3,28 @@
 A reply may hold only the records the protocol names: ``stats`` and ``metrics`` as MetricRecords of
 scalar numbers under known keys, and ``arrays`` as the LoRA adapter. Strings, lists, unknown keys
 or unknown records (where text, token ids or per-sample scores could hide) stop the reply.
+
+A failure on the node (an exception in the ClientApp, or a reply the guard stops) leaves it as an
+error reply with a generic reason: Flower would otherwise send the exception's text, which can
+quote data. The details go to the node's own log.
+
+Optional differential privacy for counts: :func:`noisy_count` adds Laplace(1/ε) noise.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord
+import numpy as np
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 
 from fedqc.federation.protocol import EVALUATE_METRICS, REPLY_COUNTS, TRAIN_METRICS
+
+log = logging.getLogger(__name__)
 
 ALLOWED_METRICS = {"stats": set(REPLY_COUNTS), "metrics": set(TRAIN_METRICS + EVALUATE_METRICS)}
 
@@ -42,11 +55,40 @@ def check_reply(content, adapter_keys: set[str] | None = None) -> None:
 
 
 def outgoing_guard(msg: Message, context: Context, call_next: Callable) -> Message:
-    """Flower mod: let a reply leave the node only if it passes :func:`check_reply`."""
-    reply = call_next(msg, context)
-    if not reply.has_error():
-        check_reply(reply.content)
+    """Flower mod: let a reply leave the node only if it passes :func:`check_reply`.
+
+    Any failure becomes an error reply whose reason names only the exception type. A site that
+    sets ``--node-config audit-log=FILE`` gets a line in FILE for every message it sends.
+    """
+    kind = msg.metadata.message_type
+    try:
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            check_reply(reply.content)
+    except Exception as exc:  # the node reports that it failed, never what the failure says
+        log.exception("%s failed on this node; the server is told only the exception type", kind)
+        reply = Message(error_for(exc), reply_to=msg)
+    if "audit-log" in context.node_config:
+        write_audit(str(context.node_config["audit-log"]), msg, reply)
     return reply
+
+
+def error_for(exc: BaseException) -> Error:
+    """The error a node sends for a failure: a code and the exception type, no message text."""
+    return Error(
+        code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+        reason=f"{type(exc).__name__} on the node (details in the node's log)",
+    )
+
+
+def noisy_count(value: int, epsilon: float, rng: np.random.Generator) -> int:
+    """``value`` + Laplace(1/ε) noise, rounded and clipped at 0 (ε-DP for a count of sensitivity 1).
+
+    ε = 0 means no noise. Rounding and clipping are post-processing: they cost no privacy.
+    """
+    if epsilon <= 0:
+        return int(value)
+    return max(0, int(round(value + rng.laplace(0.0, 1.0 / epsilon))))
 
 
 class AuditLog:
@@ -60,25 +102,26 @@ class AuditLog:
         self.path = path
 
     def __call__(self, msg: Message, context: Context, call_next: Callable) -> Message:
-        import json
-
         reply = call_next(msg, context)
-        entry: dict = {
-            "message_type": msg.metadata.message_type,
-            "error": reply.has_error(),
-            "records": {},
-        }
-        if not reply.has_error():
-            for name, record in reply.content.items():
-                if isinstance(record, ArrayRecord):
-                    body = {
-                        k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()
-                    }
-                else:
-                    body = {
-                        k: v if isinstance(v, int | float) else repr(v) for k, v in record.items()
-                    }
-                entry["records"][name] = {"kind": type(record).__name__, "entries": body}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
+        write_audit(self.path, msg, reply)
         return reply
+
+
+def write_audit(path: str, msg: Message, reply: Message) -> None:
+    """Append one line describing ``reply`` (sent in answer to ``msg``) to ``path``."""
+    entry: dict = {
+        "message_type": msg.metadata.message_type,
+        "error": reply.has_error(),
+        "reason": reply.error.reason if reply.has_error() else None,
+        "records": {},
+    }
+    if not reply.has_error():
+        for name, record in reply.content.items():
+            if isinstance(record, ArrayRecord):
+                body = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in record.items()}
+            else:
+                body = {k: v if isinstance(v, int | float) else repr(v) for k, v in record.items()}
+            entry["records"][name] = {"kind": type(record).__name__, "entries": body}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")

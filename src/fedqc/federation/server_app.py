@@ -1,4 +1,10 @@
-"""The ServerApp: τ from the anchors, one query round for selection, then FedAvg on kept data."""
+"""The ServerApp: τ from the anchors, one query round for selection, then FedAvg on kept data.
+
+Fault tolerance: nodes that fail or vanish drop out of a round and the run goes on while at least
+``federation.min-nodes`` answer; who dropped when goes to ``metrics.json`` and
+``participation.json``. After every round a checkpoint is saved; ``output.resume`` continues from
+it (``fedqc run --resume RUN_DIR``).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,34 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedqc.config import Config
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
+from fedqc.federation.checkpoint import (
+    CHECKPOINT_DIR,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedqc.federation.protocol import QUERY_SCORE
+from fedqc.federation.strategy import ParticipationGrid, build_strategy
 from fedqc.models.loading import load, set_adapter_state
 from fedqc.quality.rules import global_threshold, parse_rule
 from fedqc.scoring.scorers import get_scorer, score_samples
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
+# What a run writes into its run directory (a new run refuses to write over them).
+OUTPUTS = ("threshold.json", "selection.json", "metrics.json", "adapter", CHECKPOINT_DIR)
 
 
 class Stages(Protocol):
@@ -59,51 +74,24 @@ def build_server_app(cfg: Config | None = None, stages: Stages | None = None) ->
 
 
 def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
-    run_dir = Path(cfg.output.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(cfg)
+    resumed = _resume_state(run_dir, cfg)
+    grid = ParticipationGrid(grid)
     stages.stage("waiting for nodes")
     nodes = wait_for_nodes(
-        grid, cfg.federation.min_nodes or cfg.data.num_clients, cfg.federation.timeout
+        grid, cfg.data.num_clients, cfg.federation.min_nodes, cfg.federation.join_timeout
     )
     loaded = load(cfg.model)
     scorer, rule = get_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
 
-    # Phase 1, server: score the anchors and set τ.
-    anchor_scores = None
-    if rule.needs_anchors:
-        if not cfg.data.anchors:
-            raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")
-        anchors = load_samples(cfg.data.anchors)
-        stages.stage(
-            f"phase 1: scoring {len(anchors)} anchors ({scorer.name})",
-            len(anchors) * (2 if scorer.needs_bare else 1),
-        )
-        anchor_scores = score_samples(
-            loaded,
-            anchors,
-            scorer,
-            cfg.model.max_length,
-            cfg.quality.batch_tokens,
-            on_batch=stages.advance,
-        )
-    tau = global_threshold(rule, scorer, None if anchor_scores is None else anchor_scores.oriented)
-    _write_json(
-        run_dir / "threshold.json",
-        {
-            "scorer": scorer.name,
-            "direction": "higher is better" if scorer.direction > 0 else "lower is better",
-            "rule": str(rule),
-            "tau": tau,
-            "tau_raw": None if tau is None else scorer.raw(tau),
-            "anchor_scores": None
-            if anchor_scores is None
-            else [None if not math.isfinite(x) else x for x in anchor_scores.raw.tolist()],
-        },
-    )
-    if tau is not None:
-        log.info("phase 1: τ = %.4f (%s, raw %s = %.4f)", tau, rule, scorer.name, scorer.raw(tau))
+    # Phase 1, server: score the anchors and set τ (a resumed run reuses the saved τ).
+    if resumed is not None:
+        tau = resumed[0]["tau"]
+        log.info("resuming after round %d with the saved τ", resumed[0]["round"])
+    else:
+        tau = _threshold(cfg, loaded, scorer, rule, run_dir, stages)
 
-    # Phase 1, clients: one query round carries τ, the scorer settings and the global adapter.
+    # Phase 1, clients: one query round carries τ, the scorer settings and the initial adapter.
     qc = ConfigRecord(
         {
             "scorer": scorer.name,
@@ -123,115 +111,286 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         for n in nodes
     ]
     stages.stage(f"phase 1: {len(nodes)} clients score and select locally")
+    grid.min_answers = {QUERY_SCORE: cfg.federation.min_nodes}
     replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.timeout))
-    selection = []
-    for reply in replies:
-        if reply.has_error():
-            log.warning(
-                "node %s failed the query round: %s", reply.metadata.src_node_id, reply.error.reason
-            )
-            continue
-        stats = dict(reply.content["stats"])
-        selection.append({"node": reply.metadata.src_node_id, **stats})
-    selection.sort(key=lambda s: (s.get("partition-id", -1), s["node"]))
-    _write_json(run_dir / "selection.json", {"tau": tau, "rule": str(rule), "clients": selection})
+    selection = sorted(
+        (
+            {"node": r.metadata.src_node_id, **dict(r.content["stats"])}
+            for r in replies
+            if not r.has_error()
+        ),
+        key=lambda s: (s.get("partition-id", -1), s["node"]),
+    )
+    for s in selection:
+        s["sat-out"] = int(s["kept"]) == 0
+    dropped = grid.exchanges[-1]["dropped"]
+    _write_json(
+        run_dir / "selection.json",
+        {"tau": tau, "rule": str(rule), "clients": selection, "dropped": dropped},
+    )
+    if resumed is not None and cfg.quality.dp_epsilon <= 0:
+        _check_same_selection(resumed[0]["selection"], selection)
     total_kept = sum(int(s["kept"]) for s in selection)
-    if not selection:
-        raise FedqcError("no client answered the quality query round")
-    if total_kept == 0:
-        raise FedqcError(
-            f"τ = {tau} drops every sample in the federation; use a looser "
-            "quality.rule (e.g. anchor-quantile:0.1)"
-        )
     log.info("phase 1: kept %d of %d samples", total_kept, sum(int(s["total"]) for s in selection))
+    for s in selection:
+        if s["sat-out"]:
+            log.warning("client %s kept no samples: it sits out training", s["partition-id"])
+    if total_kept == 0 and not cfg.quality.allow_empty:
+        where = "the rule" if tau is None else f"τ = {scorer.raw(tau):.6g} ({scorer.name})"
+        raise FedqcError(
+            f"{where} drops every sample in the federation; use a looser quality.rule "
+            "(e.g. anchor-quantile:0.1), or allow it with --allow-empty (quality.allow-empty)"
+        )
 
     # Phase 2: FedAvg on the kept samples, weighted by the kept counts.
-    eval_set = (
-        encode_all(loaded.tokenizer, load_samples(cfg.data.eval), cfg.model.max_length)
-        if cfg.data.eval
-        else []
+    _train(cfg, grid, loaded, run_dir, stages, tau, selection, initial, resumed)
+
+
+def _run_dir(cfg: Config) -> Path:
+    """The run directory; a new run does not write over another run's outputs unless forced."""
+    o = cfg.output
+    if o.resume and not o.run_dir:
+        raise FedqcError("output.resume needs output.run-dir: the run directory to continue")
+    run_dir = Path(o.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    earlier = [name for name in OUTPUTS if (run_dir / name).exists()]
+    if earlier and not o.resume:
+        if not o.force:
+            raise FedqcError(
+                f"{run_dir}: holds the outputs of an earlier run ({', '.join(earlier)}); resume "
+                "it (fedqc run --resume, output.resume=true), or overwrite it (--force, "
+                "output.force=true)"
+            )
+        for name in (CHECKPOINT_DIR, "rounds", "adapter"):  # stale rounds must not be resumed
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _resume_state(run_dir: Path, cfg: Config) -> tuple[dict, ArrayRecord] | None:
+    if not cfg.output.resume:
+        return None
+    state, arrays = load_checkpoint(run_dir)
+    check_resumable(state["config"], cfg.to_flat())
+    if state["round"] > cfg.train.rounds:
+        raise FedqcError(
+            f"{run_dir}: the checkpoint is at round {state['round']}, beyond train.rounds = "
+            f"{cfg.train.rounds}"
+        )
+    return state, arrays
+
+
+def _threshold(cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages) -> float | None:
+    if getattr(rule, "needs_histograms", False):
+        raise FedqcError(
+            f"rule '{rule}' needs client histograms, which the federation does not send"
+        )
+    anchor_scores = None
+    if rule.needs_anchors:
+        if not cfg.data.anchors:
+            raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")
+        anchors = load_samples(cfg.data.anchors)
+        stages.stage(
+            f"phase 1: scoring {len(anchors)} anchors ({scorer.name})",
+            len(anchors) * (2 if scorer.needs_bare else 1),
+        )
+        anchor_scores = score_samples(
+            loaded,
+            anchors,
+            scorer,
+            cfg.model.max_length,
+            cfg.quality.batch_tokens,
+            on_batch=stages.advance,
+        )
+        if anchor_scores.truncated:
+            log.warning(
+                "%d of %d anchors are longer than model.max-length = %d: scored truncated",
+                anchor_scores.truncated,
+                len(anchors),
+                cfg.model.max_length,
+            )
+    tau = global_threshold(rule, scorer, None if anchor_scores is None else anchor_scores.oriented)
+    _write_json(
+        run_dir / "threshold.json",
+        {
+            "scorer": scorer.name,
+            "direction": "higher is better" if scorer.direction > 0 else "lower is better",
+            "rule": str(rule),
+            "tau": tau,
+            "tau_raw": None if tau is None else scorer.raw(tau),
+            "anchor_scores": None
+            if anchor_scores is None
+            else [None if not math.isfinite(x) else x for x in anchor_scores.raw.tolist()],
+            "anchors_truncated": None if anchor_scores is None else anchor_scores.truncated,
+        },
     )
-    history: list[dict] = []
+    if tau is not None:
+        log.info("phase 1: τ = %.4f (%s, raw %s = %.4f)", tau, rule, scorer.name, scorer.raw(tau))
+    return tau
+
+
+def _check_same_selection(saved: list[dict], now: list[dict]) -> None:
+    """A resumed run must select what the interrupted one did (scoring is deterministic)."""
+    before = {s["partition-id"]: s for s in saved if s.get("partition-id", -1) >= 0}
+    for s in now:
+        old = before.get(s.get("partition-id", -1))
+        if old is not None and (old["total"], old["kept"]) != (s["total"], s["kept"]):
+            raise FedqcError(
+                f"cannot resume: client {s['partition-id']} now keeps {s['kept']} of "
+                f"{s['total']} samples, but kept {old['kept']} of {old['total']} when the run "
+                "started; its data or the model changed"
+            )
+
+
+def _train(
+    cfg: Config,
+    grid: ParticipationGrid,
+    loaded,
+    run_dir: Path,
+    stages: Stages,
+    tau: float | None,
+    selection: list[dict],
+    initial: ArrayRecord,
+    resumed: tuple[dict, ArrayRecord] | None,
+) -> None:
+    eval_set = []
+    if cfg.data.eval:
+        eval_set = encode_all(loaded.tokenizer, load_samples(cfg.data.eval), cfg.model.max_length)
+        if n := sum(e.truncated for e in eval_set):
+            log.warning("%d evaluation samples are longer than model.max-length: truncated", n)
+    offset = resumed[0]["round"] if resumed else 0
+    history: list[dict] = list(resumed[0]["history"]) if resumed else []
+    if resumed:
+        grid.exchanges[:0] = resumed[0]["participation"]
+    start = resumed[1] if resumed else initial
+    clients = {int(s["node"]): int(s.get("partition-id", -1)) for s in selection if s["kept"] > 0}
+    strategy = build_strategy(cfg, clients, grid, offset)
+    base = getattr(strategy, "strategy", strategy)
+    final = {"arrays": start}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        r = server_round + offset
+        final["arrays"] = arrays
+        if resumed and server_round == 0:  # evaluated before the interruption
+            return None
         set_adapter_state(loaded.model, arrays.to_torch_state_dict())
-        loaded.model.save_pretrained(run_dir / "rounds" / f"round-{server_round}")
-        metrics = {"round": server_round}
+        loaded.model.save_pretrained(run_dir / "rounds" / f"round-{r}")
+        metrics: dict = {"round": r}
         if eval_set:
             metrics |= evaluate(
                 loaded.model, eval_set, loaded.tokenizer.pad_token_id, cfg.quality.batch_tokens
             )
             log.info(
-                "round %d: eval loss %.4f (ppl %.2f)",
-                server_round,
-                metrics["eval_loss"],
-                metrics["eval_ppl"],
+                "round %d: eval loss %.4f (ppl %.2f)", r, metrics["eval_loss"], metrics["eval_ppl"]
             )
-        history.append(metrics)
-        if server_round:
+        row = dict(metrics)
+        for k, v in base.train_metrics.get(r, {}).items():
+            row[f"train_{k.replace('-', '_')}"] = v
+        for phase in ("train", "evaluate"):
+            exchange = grid.of_round(r, phase) if r else None
+            if exchange is not None:
+                row[f"{phase}_sampled"] = exchange["sampled"]
+                row[f"{phase}_answered"] = exchange["answered"]
+                row[f"{phase}_dropped"] = [d["node"] for d in exchange["dropped"]]
+        history.append(row)
+        if r:
             stages.advance()
+            save_checkpoint(
+                run_dir,
+                {
+                    "round": r,
+                    "rounds": cfg.train.rounds,
+                    "tau": tau,
+                    "selection": selection,
+                    "history": history,
+                    "participation": grid.exchanges,
+                    "strategy": _describe(strategy),
+                    "config": cfg.to_flat(),
+                },
+                arrays,
+            )
         return (
             MetricRecord({k: v for k, v in metrics.items() if k != "round"}) if eval_set else None
         )
 
-    n = len(selection)
-    strategy = FedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=cfg.federation.fraction_evaluate,
-        min_train_nodes=n,
-        min_evaluate_nodes=1 if cfg.federation.fraction_evaluate else 0,
-        min_available_nodes=n,
-    )
+    remaining = cfg.train.rounds - offset
     train_config = ConfigRecord(
         {
             "local-steps": cfg.train.local_steps,
             "batch-size": cfg.train.batch_size,
             "lr": cfg.train.lr,
+            "lr-schedule": cfg.train.lr_schedule,
             "weight-decay": cfg.train.weight_decay,
             "seed": cfg.train.seed,
             "max-length": cfg.model.max_length,
+            "round-offset": offset,
+            "total-rounds": cfg.train.rounds,
         }
     )
-    stages.stage(f"phase 2: federated LoRA, {cfg.train.rounds} rounds", cfg.train.rounds)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.train.rounds,
-        timeout=cfg.federation.timeout,
-        train_config=train_config,
-        evaluate_fn=evaluate_fn,
-    )
-    set_adapter_state(loaded.model, result.arrays.to_torch_state_dict())
+    grid.min_answers = {"train": min(cfg.federation.min_nodes, max(1, len(clients)))}
+    if clients and remaining > 0:
+        stages.stage(f"phase 2: federated LoRA, rounds {offset + 1}–{cfg.train.rounds}", remaining)
+        strategy.start(
+            grid=grid,
+            initial_arrays=start,
+            num_rounds=remaining,
+            timeout=cfg.federation.timeout,
+            train_config=train_config,
+            evaluate_fn=evaluate_fn,
+        )
+    else:
+        if not clients:
+            log.warning("no client kept a sample: no training rounds (quality.allow-empty)")
+        evaluate_fn(0, start)
+    set_adapter_state(loaded.model, final["arrays"].to_torch_state_dict())
     loaded.model.save_pretrained(run_dir / "adapter")
-    _write_history(run_dir, history, result)
+    _write_json(run_dir / "participation.json", grid.exchanges)
+    _write_history(run_dir, history)
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
-    """Poll until ``expected`` nodes are connected (at start Flower may report none)."""
-    deadline = time.monotonic() + timeout
+def _describe(strategy) -> dict:
+    base = getattr(strategy, "strategy", strategy)
+    out = {"name": type(strategy).__name__, "base": type(base).__name__}
+    if base is not strategy:
+        out |= {
+            "noise-multiplier": strategy.noise_multiplier,
+            "clipping-norm": strategy.clipping_norm,
+        }
+    return out
+
+
+def wait_for_nodes(grid: Grid, expected: int, minimum: int, join_timeout: float) -> list[int]:
+    """Poll until ``expected`` nodes are connected (at start Flower may report none).
+
+    After ``join_timeout`` seconds the run goes on with the nodes there, if at least ``minimum``.
+    """
+    deadline = time.monotonic() + join_timeout
     while True:
-        nodes = list(grid.get_node_ids())
+        nodes = sorted(grid.get_node_ids())
         if len(nodes) >= expected:
-            return sorted(nodes)
+            return nodes
         if time.monotonic() > deadline:
-            raise FedqcError(f"only {len(nodes)} of {expected} nodes connected in {timeout:.0f} s")
+            if len(nodes) >= minimum:
+                log.warning(
+                    "only %d of %d nodes joined; going on without the rest", len(nodes), expected
+                )
+                return nodes
+            raise FedqcError(
+                f"only {len(nodes)} of {expected} nodes connected in {join_timeout:.0f} s "
+                f"(federation.join-timeout), fewer than federation.min-nodes = {minimum}"
+            )
         time.sleep(0.5)
 
 
-def _write_history(run_dir: Path, history: list[dict], result) -> None:
-    train = {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
-    rows = []
-    for metrics in history:
-        r = metrics["round"]
-        rows.append(
-            {**metrics, **{f"train_{k.replace('-', '_')}": v for k, v in train.get(r, {}).items()}}
-        )
-    _write_json(run_dir / "metrics.json", rows)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    _write_json(run_dir / "metrics.json", history)
+    keys = list(dict.fromkeys(k for row in history for k in row))
     with open(run_dir / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
+        for row in history:
+            writer.writerow(
+                {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()}
+            )
 
 
 def _write_json(path: Path, data) -> None:

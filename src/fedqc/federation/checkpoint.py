@@ -1,0 +1,84 @@
+"""The server's checkpoint after every round, and reading it back to resume.
+
+``RUN_DIR/checkpoint/`` holds ``state.json`` (round, τ, selection, per-round history, the
+participation log, the strategy settings and the config) and ``adapter-round-<r>.npz`` (the global
+adapter, bit for bit). The adapter is written first and ``state.json`` last, each by an atomic
+rename, so a crash at any moment leaves the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedqc.errors import FedqcError
+from fedqc.models.assets import sha256_of
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+# Keys a resumed run may change: how long it runs and how it waits for nodes, nothing that
+# changes what a round computes.
+RESUMABLE_CHANGES = ("train.rounds", "federation.", "output.")
+
+
+def save_checkpoint(run_dir: Path, state: dict, arrays: ArrayRecord) -> None:
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"adapter-round-{state['round']}.npz"
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **{k: a.numpy() for k, a in arrays.items()})
+    os.replace(tmp, folder / name)
+    state = {**state, "adapter": name, "adapter-sha256": sha256_of(folder / name)}
+    tmp = folder / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, folder / STATE_FILE)
+    for old in folder.glob("adapter-round-*.npz"):
+        if old.name != name:
+            old.unlink()
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file()
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict, ArrayRecord]:
+    """(state, global adapter) of the last completed round; a clear error when there is none."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not (folder / STATE_FILE).is_file():
+        raise FedqcError(
+            f"{run_dir}: no checkpoint to resume ({CHECKPOINT_DIR}/{STATE_FILE} is missing; "
+            "a run saves one after each finished round)"
+        )
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        adapter = folder / state["adapter"]
+        ok = adapter.is_file() and sha256_of(adapter) == state["adapter-sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise FedqcError(f"{folder}: the checkpoint is damaged (state.json or its adapter)")
+    with np.load(adapter) as npz:
+        tensors = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+    return state, ArrayRecord(tensors)
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Stop unless ``current`` (flat config) computes the same rounds as the checkpoint's."""
+    changed = [
+        k
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        k = changed[0]
+        raise FedqcError(
+            f"cannot resume: the checkpoint was made with {k}={saved.get(k)!r}, this run has "
+            f"{current.get(k)!r}; a resumed run may change only train.rounds, federation.* "
+            "and output.*"
+        )

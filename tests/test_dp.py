@@ -1,0 +1,160 @@
+"""Differential privacy: Laplace noise on the counts a client reports (quality.dp-epsilon), and
+DP-FedAvg through Flower's fixed-clipping wrappers (train.dp-*). In-process, no Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from local_grid import LocalGrid, QuietStages
+from safetensors.numpy import load_file
+
+from fedqc.config import Config, ModelConfig
+from fedqc.federation.client_app import build_client_app
+from fedqc.federation.privacy import check_reply, noisy_count
+from fedqc.federation.protocol import COUNTS
+from fedqc.federation.server_app import run_server
+from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg, build_strategy
+from fedqc.models.loading import load
+
+
+def _config(tiny_model_dir, demo_dir, run_dir: Path, **extra) -> Config:
+    return Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.anchors": str(demo_dir / "anchors.jsonl"),
+            "data.num-clients": 2,
+            "quality.rule": "anchor-quantile:0.2",
+            "train.rounds": 1,
+            "train.local-steps": 2,
+            "train.batch-size": 2,
+            "train.lr": 0.01,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(run_dir),
+            **extra,
+        }
+    )
+
+
+def test_noisy_count_is_laplace_rounded_and_clipped():
+    rng = np.random.default_rng(0)
+    assert noisy_count(7, 0.0, rng) == 7  # ε = 0: off
+    draws = np.array([noisy_count(100, 0.5, rng) for _ in range(20_000)])
+    assert draws.dtype.kind == "i"
+    assert abs(draws.mean() - 100) < 0.1  # unbiased away from 0
+    assert abs(np.abs(draws - 100).mean() - 2.0) < 0.1  # E|Laplace(1/ε)| = 1/ε, plus rounding
+    small = np.array([noisy_count(0, 0.5, rng) for _ in range(2_000)])
+    assert small.min() == 0 and (small > 0).any()  # clipped at 0, never negative
+
+
+def test_a_client_reports_noisy_counts_and_reuses_them(
+    tiny_model_dir, demo_dir, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed=None: rng(seed or 1234))
+    replies = []
+
+    def capture(msg, context, call_next):
+        reply = call_next(msg, context)
+        replies.append((msg.metadata.message_type, reply))
+        return reply
+
+    extra = {"quality.dp-epsilon": 0.1, "quality.rule": "fixed:1e9"}  # keeps all 12 (seeded noise)
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    grid = LocalGrid(build_client_app(cfg, [capture]), 2)
+    run_server(grid, cfg, QuietStages())
+    local = tmp_path / "run" / "clients"
+    exact = [json.loads((local / f"client-{i}" / "selection.json").read_text()) for i in (0, 1)]
+    stats = {}
+    for kind, reply in replies:
+        check_reply(reply.content)
+        if kind == "query.score":
+            stats[int(reply.content["stats"]["partition-id"])] = dict(reply.content["stats"])
+    assert sorted(stats) == [0, 1]
+    for pid in (0, 1):
+        counts = [stats[pid][k] for k in COUNTS]
+        assert all(isinstance(c, int) and c >= 0 for c in counts)
+        assert "score-seconds" not in stats[pid]  # timing tracks data size: not sent under DP
+    true = [(e["total"], e["kept"]) for e in exact]
+    assert [(stats[p]["total"], stats[p]["kept"]) for p in (0, 1)] != true
+    train = [r for kind, r in replies if kind == "train"]
+    assert train
+    for reply in train:
+        metrics = dict(reply.content["metrics"])
+        assert "train-seconds" not in metrics
+        assert metrics["num-examples"] in {stats[p]["kept"] for p in (0, 1)}
+
+
+def _adapter_delta(run_dir: Path, initial: dict) -> float:
+    final = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    by_key = {k.replace(".default", ""): v.numpy() for k, v in initial.items()}
+    return float(np.sqrt(sum(((final[k] - by_key[k]) ** 2).sum() for k in final)))
+
+
+@pytest.fixture(scope="module")
+def initial(tiny_model_dir):
+    return load(ModelConfig(name=str(tiny_model_dir))).initial_adapter
+
+
+def test_dp_fedavg_server_side_clips_and_adds_noise(tiny_model_dir, demo_dir, tmp_path, initial):
+    deltas = {}
+    for name, extra in {
+        "off": {},
+        "clip": {"train.dp-mode": "server", "train.dp-noise-multiplier": 0.0},
+        "noise": {"train.dp-mode": "server", "train.dp-noise-multiplier": 1.0},
+    }.items():
+        cfg = _config(
+            tiny_model_dir, demo_dir, tmp_path / name, **{"train.dp-clipping-norm": 1e-4, **extra}
+        )
+        run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+        deltas[name] = _adapter_delta(tmp_path / name, initial)
+    assert deltas["off"] > 1e-2  # two AdamW steps at lr 0.01 move the adapter far
+    assert deltas["clip"] <= 1e-4 * (1 + 1e-3)  # a mean of updates clipped to 1e-4 (float32)
+    # Gaussian noise with std 1.0 × 1e-4 / 2 clients on every one of thousands of coordinates
+    n = sum(v.numel() for v in initial.values())
+    assert deltas["noise"] == pytest.approx(0.5e-4 * np.sqrt(n), rel=0.2)
+
+
+def test_dp_fedavg_client_side_clips_before_sending(tiny_model_dir, demo_dir, tmp_path, initial):
+    updates = []
+
+    def measure(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            sent, back = msg.content["arrays"], reply.content["arrays"]
+            updates.append(
+                np.sqrt(sum(((back[k].numpy() - sent[k].numpy()) ** 2).sum() for k in sent))
+            )
+        return reply
+
+    extra = {"train.dp-mode": "client", "train.dp-noise-multiplier": 0.0}
+    cfg = _config(
+        tiny_model_dir, demo_dir, tmp_path / "run", **{"train.dp-clipping-norm": 1e-4, **extra}
+    )
+    run_server(LocalGrid(build_client_app(cfg, [measure]), 2), cfg, QuietStages())
+    assert len(updates) == 2 and all(u <= 1e-4 * (1 + 1e-3) for u in updates)
+    assert _adapter_delta(tmp_path / "run", initial) <= 1e-4 * (1 + 1e-3)
+
+
+def test_dp_mode_picks_flowers_wrapper():
+    grid = ParticipationGrid(None)
+    clients = {11: 0, 12: 1, 13: 2}
+    for mode, kind in [
+        ("off", QualityFedAvg),
+        ("server", DifferentialPrivacyServerSideFixedClipping),
+        ("client", DifferentialPrivacyClientSideFixedClipping),
+    ]:
+        cfg = Config.from_flat({"train.dp-mode": mode, "train.dp-clipping-norm": 0.5})
+        strategy = build_strategy(cfg, clients, grid, 0)
+        assert type(strategy) is kind
+        if mode != "off":
+            assert (strategy.clipping_norm, strategy.num_sampled_clients) == (0.5, 3)
+            assert strategy.strategy.equal_weights  # DP noise assumes equal client weights
