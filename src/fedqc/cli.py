@@ -199,7 +199,7 @@ def score(
     from fedqc.scoring.scorers import get_scorer
 
     _setup_logging(False)
-    chosen = get_scorer(scorer)
+    chosen = get_scorer(_not_ensemble(scorer))
     _refuse_overwrite(out, force)
     samples = load_samples(data)
     scores = _score(model, max_length, samples, chosen)
@@ -228,6 +228,15 @@ def _score(model: str, max_length: int, samples, scorer):
         )
 
 
+def _not_ensemble(scorer: str) -> str:
+    if scorer.startswith("ensemble:"):
+        raise FedqcError(
+            f"scorer '{scorer}' is calibrated on the anchors inside a run: use it with "
+            "fedqc run --set quality.scorer=...; fedqc score takes the single scorers"
+        )
+    return scorer
+
+
 def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
@@ -248,7 +257,7 @@ def threshold(
     from fedqc.scoring.scorers import get_scorer
 
     _setup_logging(False)
-    chosen, parsed = get_scorer(scorer), parse_rule(rule)
+    chosen, parsed = get_scorer(_not_ensemble(scorer)), parse_rule(rule)
     if not parsed.is_global:
         raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
     scores = (

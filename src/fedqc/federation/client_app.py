@@ -114,7 +114,8 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     data_path, out_dir, pid = node_paths(context, cfg)
     samples = load_samples(data_path)
     loaded = _model(cfg, msg.content["arrays"])
-    scorer = get_scorer(str(qc["scorer"]))
+    calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else None
+    scorer = get_scorer(str(qc["scorer"]), calibration)
     start = time.perf_counter()
     scores = score_samples(loaded, samples, scorer, cfg.model.max_length, int(qc["batch-tokens"]))
     seconds = time.perf_counter() - start

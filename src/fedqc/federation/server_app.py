@@ -34,7 +34,8 @@ from fedqc.federation.protocol import QUERY_SCORE
 from fedqc.federation.strategy import ParticipationGrid, build_strategy
 from fedqc.models.loading import load, set_adapter_state
 from fedqc.quality.rules import global_threshold, parse_rule
-from fedqc.scoring.scorers import get_scorer, score_samples
+from fedqc.scoring.ensemble import calibrate, is_ensemble
+from fedqc.scoring.scorers import Scorer, get_scorer, score_samples
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,11 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
     scorer, rule = get_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
 
     # Phase 1, server: score the anchors and set τ (a resumed run reuses the saved τ).
-    if resumed is not None:
+    if resumed is not None and not is_ensemble(scorer.name):
         tau = resumed[0]["tau"]
         log.info("resuming after round %d with the saved τ", resumed[0]["round"])
     else:
-        tau = _threshold(cfg, loaded, scorer, rule, run_dir, stages)
+        scorer, tau = _threshold(cfg, loaded, scorer, rule, run_dir, stages)
 
     # Phase 1, clients: one query round carries τ, the scorer settings and the initial adapter.
     qc = ConfigRecord(
@@ -101,6 +102,7 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
             "drop-fraction": rule.value if rule.kind == "drop-fraction" else math.nan,
             "max-length": cfg.model.max_length,
             "batch-tokens": cfg.quality.batch_tokens,
+            **({"calibration": scorer.calibration} if is_ensemble(scorer.name) else {}),
         }
     )
     initial = ArrayRecord(loaded.initial_adapter)
@@ -179,7 +181,10 @@ def _resume_state(run_dir: Path, cfg: Config) -> tuple[dict, ArrayRecord] | None
     return state, arrays
 
 
-def _threshold(cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages) -> float | None:
+def _threshold(
+    cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages
+) -> tuple[Scorer, float | None]:
+    """(the scorer, calibrated on the anchors if it is an ensemble; τ on the oriented scale)."""
     if getattr(rule, "needs_histograms", False):
         raise FedqcError(
             f"rule '{rule}' needs client histograms, which the federation does not send"
@@ -201,6 +206,11 @@ def _threshold(cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages)
             cfg.quality.batch_tokens,
             on_batch=stages.advance,
         )
+        if is_ensemble(scorer.name):
+            cal = calibrate(scorer.name, anchor_scores.cond_loss, anchor_scores.bare_loss)
+            scorer = get_scorer(scorer.name, cal)
+            raw = scorer.formula(anchor_scores.cond_loss, anchor_scores.bare_loss)
+            anchor_scores.raw, anchor_scores.oriented = raw, scorer.orient(raw)
         if anchor_scores.truncated:
             log.warning(
                 "%d of %d anchors are longer than model.max-length = %d: scored truncated",
@@ -221,11 +231,12 @@ def _threshold(cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages)
             if anchor_scores is None
             else [None if not math.isfinite(x) else x for x in anchor_scores.raw.tolist()],
             "anchors_truncated": None if anchor_scores is None else anchor_scores.truncated,
+            "calibration": scorer.calibration,
         },
     )
     if tau is not None:
         log.info("phase 1: τ = %.4f (%s, raw %s = %.4f)", tau, rule, scorer.name, scorer.raw(tau))
-    return tau
+    return scorer, tau
 
 
 def _check_same_selection(saved: list[dict], now: list[dict]) -> None:

@@ -64,4 +64,5 @@ def ensemble_scorer(name: str, calibration: list[float]) -> Scorer:
         any(p.needs_bare for p in parts),
         formula,
         "mean of anchor-standardised scores of " + ", ".join(p.name for p in parts),
+        [float(x) for x in calibration],
     )

@@ -2,7 +2,9 @@
 
 ℓ(r|q) is the mean NLL of the response given the prompt, ℓ(r) the same with an empty instruction.
 Each scorer declares its direction once; thresholds and filters use the *oriented* score
-(direction × raw score), where higher always means better.
+(direction × raw score), where higher always means better. The scorers computed at warm-up
+checkpoints (gradient, influence and in-context scores, ``fedqc.scoring.checkpointed``) declare
+their directions here too, in ``CHECKPOINT_SCORERS``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Scorer:
     needs_bare: bool  # needs ℓ(r), the pass over the response with an empty instruction
     formula: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ℓ(r|q), ℓ(r)) -> raw score
     description: str
+    calibration: list[float] | None = None  # ensembles: the anchors' (center, scale) per part
 
     def orient(self, raw: np.ndarray) -> np.ndarray:
         return self.direction * raw
@@ -71,7 +74,79 @@ SCORERS: dict[str, Scorer] = {
 }
 
 
-def get_scorer(name: str) -> Scorer:
+@dataclass(frozen=True)
+class CheckpointScorer:
+    """A scorer computed at the warm-up checkpoints (``fedqc.scoring.checkpointed``)."""
+
+    name: str
+    direction: int
+    needs: str  # "gradients" (anchor directions), "datainf", "prefix" (icl) or "tasks" (nuggets)
+    description: str
+
+    def orient(self, raw: np.ndarray) -> np.ndarray:
+        return self.direction * raw
+
+    def raw(self, oriented: float) -> float:
+        return self.direction * oriented
+
+
+CHECKPOINT_SCORERS: dict[str, CheckpointScorer] = {
+    s.name: s
+    for s in [
+        CheckpointScorer(
+            "tracin",
+            HIGHER_IS_BETTER,
+            "gradients",
+            "TracIn: (1/K) Σ_k η_k ⟨g_k(z), ḡ_k⟩, ḡ_k the mean anchor gradient at checkpoint k",
+        ),
+        CheckpointScorer(
+            "tracin-cos",
+            HIGHER_IS_BETTER,
+            "gradients",
+            "TracIn with cosines: (1/K) Σ_k η_k cos(g_k(z), ḡ_k) (length-robust, as in LESS)",
+        ),
+        CheckpointScorer(
+            "clues",
+            HIGHER_IS_BETTER,
+            "gradients",
+            "CLUES/LESS: (1/K) Σ_k η_k ⟨Γ_k(z), ḡ_k⟩, Γ = m̃/√(ṽ+ε) with the local Adam moments",
+        ),
+        CheckpointScorer(
+            "datainf",
+            HIGHER_IS_BETTER,
+            "datainf",
+            "DataInf closed form per LoRA block, v = mean anchor gradient; minus the influence",
+        ),
+        CheckpointScorer(
+            "icl",
+            HIGHER_IS_BETTER,
+            "prefix",
+            "in-context probe ℓ(r|q) − ℓ(r|anchors, q), the anchors as a cached prompt prefix",
+        ),
+        CheckpointScorer(
+            "nuggets",
+            HIGHER_IS_BETTER,
+            "tasks",
+            "NUGGETS: share of anchor tasks whose answer loss drops with z as one-shot demo (slow)",
+        ),
+    ]
+}
+
+
+def get_checkpoint_scorer(name: str) -> CheckpointScorer:
+    if name not in CHECKPOINT_SCORERS:
+        raise FedqcError(
+            f"unknown checkpoint scorer '{name}'; choose one of: {', '.join(CHECKPOINT_SCORERS)}"
+        )
+    return CHECKPOINT_SCORERS[name]
+
+
+def get_scorer(name: str, calibration: list[float] | None = None) -> Scorer:
+    """A scorer by name; ``ensemble:a+b`` takes its anchor calibration (unit scales if None)."""
+    if name.startswith("ensemble:"):
+        from fedqc.scoring.ensemble import components, ensemble_scorer
+
+        return ensemble_scorer(name, calibration or [0.0, 1.0] * len(components(name)))
     if name not in SCORERS:
         raise FedqcError(f"unknown scorer '{name}'; choose one of: {', '.join(SCORERS)}")
     return SCORERS[name]
@@ -82,6 +157,8 @@ class Scores:
     raw: np.ndarray
     oriented: np.ndarray
     truncated: int  # samples cut to the maximum length (scored on what was kept)
+    cond_loss: np.ndarray  # ℓ(r|q) per sample
+    bare_loss: np.ndarray  # ℓ(r) per sample (NaN when the scorer does not need it)
 
 
 def score_samples(
@@ -104,4 +181,4 @@ def score_samples(
         bare_loss = bsums / np.maximum(bcounts, 1)
     with np.errstate(all="ignore"):
         raw = scorer.formula(cond_loss, bare_loss).astype(np.float64)
-    return Scores(raw, scorer.orient(raw), sum(e.truncated for e in cond))
+    return Scores(raw, scorer.orient(raw), sum(e.truncated for e in cond), cond_loss, bare_loss)
