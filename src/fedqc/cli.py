@@ -41,7 +41,8 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=handlers, format="%(message)s", force=True)
     logging.getLogger("fedqc").setLevel(logging.INFO)
     flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = verbose  # Flower prints its own log; ours stays readable without it
+    flwr_log.propagate = False  # Flower prints its own log, shown with --verbose only
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     flwr_log.addFilter(_HideSimulationDeprecation())
     from transformers.utils import logging as hf_logging
 
@@ -50,10 +51,12 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
 
 
 class _HideSimulationDeprecation(logging.Filter):
-    """`fedqc run` uses Flower's in-process simulation entry point on purpose."""
+    """Flower warnings about what fedqc does on purpose: the in-process simulation entry point,
+    and server-side (not federated) evaluation."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "run_simulation" not in record.getMessage()
+        message = record.getMessage()
+        return "run_simulation" not in message and "evaluation will be skipped" not in message
 
 
 def _progress() -> Progress:
