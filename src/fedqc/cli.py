@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedqc.bench.command import bench
 from fedqc.config import Config, ModelConfig, load_config
 from fedqc.errors import FedqcError
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Build federations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.command()(bench)
 console = Console()
 err_console = Console(stderr=True)
 

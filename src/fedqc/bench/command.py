@@ -1,0 +1,101 @@
+"""The `fedqc bench` command (registered in :mod:`fedqc.cli`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedqc.errors import FedqcError
+
+
+def bench(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML config: the run sections and \\[bench]."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override: key=value (bench.* too).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Small profile: under 20 minutes on a 2-core CPU.")
+    ] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Large profile: every corruption, every arm trained.")
+    ] = False,
+    out: Annotated[
+        str | None, typer.Option(help="Run directory (default runs/bench-<time>).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
+) -> None:
+    """Benchmark quality control on a federation with known corruptions: every arm, the sweeps,
+    short training, tables, plots and report.html."""
+    from fedqc.bench.config import load_bench_config
+    from fedqc.bench.run import run_bench
+    from fedqc.cli import _progress, _ProgressStages, _setup_logging, console
+    from fedqc.models.loading import resolve
+    from fedqc.pipeline import new_run_dir
+
+    if quick and full:
+        raise FedqcError("choose one profile: --quick or --full")
+    profile = "quick" if quick else "full" if full else None
+    cfg, options = load_bench_config(config, set_, profile)
+    options.check(cfg)
+    run_dir = new_run_dir(out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}", force)
+    _setup_logging(verbose, run_dir / "fedqc.log")
+    with console.status("preparing the model (the first run converts SmolLM2 once)"):
+        resolve(cfg.model.name)
+    command = "fedqc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with _progress() as progress:
+        result = run_bench(cfg, options, run_dir, _ProgressStages(progress), command)
+    _print(result, console)
+    console.print(f"[bold]outputs:[/] {run_dir}/results.md, results.csv, report.html, plots/")
+
+
+TERMINAL = (
+    "arm",
+    "tau",
+    "kept_fraction",
+    "precision",
+    "recall",
+    "f1",
+    "accuracy",
+    "eval_loss",
+    "exact_match",
+)
+
+
+def _print(result: dict, console) -> None:
+    from rich.table import Table
+
+    from fedqc.bench.publish import MAIN_COLUMNS, TRAIN_COLUMNS
+    from fedqc.report.tables import fmt
+
+    main = [c for c in MAIN_COLUMNS if c[0] in TERMINAL]
+    for title, rows, columns in (
+        ("Every arm on the main federation (selection: clean = positive)", result["main"], main),
+        (
+            "Trained arms: the final global adapter on the clean held-out set",
+            result["train"],
+            TRAIN_COLUMNS,
+        ),
+    ):
+        if not rows:
+            continue
+        table = Table(title=title)
+        for key, header in columns:
+            if key == "arm":
+                table.add_column(header, no_wrap=True)
+            else:
+                table.add_column(header, justify="right")
+        for row in rows:
+            style = "bold" if row.get("kind") in ("mixed", "oracle") else None
+            table.add_row(*(fmt(row.get(key)) for key, _ in columns), style=style)
+        console.print(table)
+    for note in result["findings"]:
+        console.print(f"[yellow]•[/] {note}", highlight=False)

@@ -1,0 +1,225 @@
+"""The bench's own options (a ``[bench]`` section), next to the normal `fedqc run` config.
+
+One TOML file serves both: ``[model]``, ``[data]``, ``[train]`` … go to :class:`fedqc.config.Config`
+and ``[bench]`` to :class:`BenchConfig`; ``--set bench.key=value`` works like any other key. A
+profile (``--quick``, ``--full``) is a set of defaults applied first, so a config file and ``--set``
+still override it.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedqc.config import Config, _coerce  # the run config's own type conversion
+from fedqc.data.corrupt import CORRUPTIONS
+from fedqc.data.partition import Partition, parse_partition
+from fedqc.errors import FedqcError
+from fedqc.quality.rules import Rule, parse_rule
+from fedqc.scoring.scorers import SCORERS, get_scorer
+
+ANCHOR_RULES = ("anchor-mean", "anchor-quantile", "anchor-conformal")
+TRAIN_KEYWORDS = ("mixed", "oracle", "best", "all", "none")
+
+
+@dataclass
+class BenchConfig:
+    # The main federation. "explicit" takes data.contamination (one rate per client, or one for
+    # all); iid / niid-1[:β] take one global rate from data.contamination; niid-2[:LO,HI] its own.
+    partition: str = "explicit"
+    types: str = ",".join(CORRUPTIONS)  # the corruption mixture
+    variants: int = 1  # corrupted versions scored per pool item (5: every type for every item)
+    scorers: str = ",".join(SCORERS)
+    rules: str = "anchor-mean,anchor-quantile:0.1"
+    # Sweeps (selection only, on federations re-assembled from the same scored pool).
+    sweep_partition: str = "iid"
+    contamination_sweep: str = "0.2,0.5,0.8"
+    anchor_sweep: str = "5,10,50"
+    anchor_repeats: int = 5  # random anchor draws per anchor count
+    type_rate: float = 0.5  # corrupted share of each single-type federation
+    # Training arms: names, or mixed / oracle / best (the QC arm with the best selection F1) /
+    # all (every arm) / none.
+    train: str = "mixed,oracle,best"
+    em_questions: int = 20  # held-out questions for greedy-generation exact match (0: off)
+    max_new_tokens: int = 160
+    source: str = ""  # a file of clean samples instead of GSM8K (any fedqc schema)
+
+    # --- parsed views -------------------------------------------------------------------------
+
+    def list_of(self, name: str) -> list[str]:
+        return [x.strip() for x in str(getattr(self, name)).split(",") if x.strip()]
+
+    @property
+    def type_list(self) -> list[str]:
+        return self.list_of("types")
+
+    @property
+    def scorer_list(self) -> list[str]:
+        return self.list_of("scorers")
+
+    @property
+    def rule_list(self) -> list[Rule]:
+        return [parse_rule(r) for r in self.list_of("rules")]
+
+    @property
+    def contamination_list(self) -> list[float]:
+        return _floats(self, "contamination_sweep", 0.0, 1.0)
+
+    @property
+    def anchor_counts(self) -> list[int]:
+        values = _floats(self, "anchor_sweep", 1.0, float("inf"))
+        if not all(v.is_integer() for v in values):
+            raise FedqcError(f"bench.anchor-sweep '{self.anchor_sweep}': anchor counts are whole")
+        return [int(v) for v in values]
+
+    def main_partition(self, cfg: Config) -> tuple[Partition, float]:
+        """The main federation's partition and, for iid / niid-1, its global contamination."""
+        part = parse_partition(self.partition)
+        rates = _floats_of(cfg.data.contamination, "data.contamination", 0.0, 1.0)
+        if part.kind == "explicit" and not part.rates:
+            part = Partition("explicit", rates=tuple(rates))
+        if part.kind in ("iid", "niid-1"):
+            if len(rates) != 1:
+                raise FedqcError(
+                    f"partition '{part}' takes one global rate: set data.contamination=0.4 "
+                    f"(it is '{cfg.data.contamination}'), or use bench.partition=explicit"
+                )
+            return part, rates[0]
+        return part, float("nan")
+
+    def check(self, cfg: Config) -> None:
+        """Every option parses and fits the config; one clear line otherwise."""
+        for name in self.scorer_list:
+            get_scorer(name)
+        if not self.scorer_list:
+            raise FedqcError("bench.scorers: name at least one scorer")
+        for rule in self.rule_list:
+            if rule.kind not in ANCHOR_RULES:
+                raise FedqcError(
+                    f"bench.rules: '{rule}' is not an anchor rule; the bench compares "
+                    f"{', '.join(ANCHOR_RULES)} (drop-fraction and the global threshold are "
+                    "its built-in baselines)"
+                )
+        unknown = set(self.type_list) - set(CORRUPTIONS)
+        if unknown or not self.type_list:
+            raise FedqcError(f"bench.types '{self.types}': use some of {', '.join(CORRUPTIONS)}")
+        if self.variants < 1:
+            raise FedqcError("bench.variants must be ≥ 1")
+        part, _ = self.main_partition(cfg)
+        if part.kind == "explicit" and len(part.rates) not in (1, cfg.data.num_clients):
+            raise FedqcError(
+                f"partition '{part}': {len(part.rates)} rates for {cfg.data.num_clients} clients"
+            )
+        parse_partition(self.sweep_partition)
+        self.contamination_list  # noqa: B018 (parses)
+        self.anchor_counts  # noqa: B018
+        if not 0 < self.type_rate < 1:
+            raise FedqcError("bench.type-rate must be in (0, 1)")
+        if self.anchor_repeats < 1 or self.em_questions < 0 or self.max_new_tokens < 1:
+            raise FedqcError("bench: anchor-repeats, max-new-tokens ≥ 1 and em-questions ≥ 0")
+        if cfg.data.num_clients < 1 or cfg.data.samples_per_client < 1:
+            raise FedqcError("data.num-clients and data.samples-per-client must be ≥ 1")
+
+    # --- reading and writing --------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, source: str) -> None:
+        attr = key.replace("-", "_")
+        known = {f.name: f for f in fields(self)}
+        if attr not in known:
+            names = ", ".join(f"bench.{f.name.replace('_', '-')}" for f in fields(self))
+            raise FedqcError(f"{source}: unknown config key 'bench.{key}'. Known keys: {names}")
+        kind = type(getattr(BenchConfig(), attr))
+        setattr(self, attr, _coerce(value, kind, f"bench.{key}", source))
+
+    def to_toml(self) -> str:
+        lines = ["[bench]"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            text = repr(value) if isinstance(value, int | float) else json.dumps(value)
+            lines.append(f"{f.name.replace('_', '-')} = {text}")
+        return "\n".join(lines) + "\n"
+
+
+# Profiles: defaults applied before the config file and --set.
+PROFILES: dict[str, dict[str, Any]] = {
+    # 2-core CPU, under 20 minutes: 80 client samples, 50 anchors, 2 short rounds per trained arm.
+    "quick": {
+        "data.samples-per-client": 20,
+        "data.num-eval": 20,
+        "train.rounds": 2,
+        "train.local-steps": 2,
+        "bench.em-questions": 20,
+        "bench.max-new-tokens": 160,
+        "bench.train": "mixed,oracle,best",
+    },
+    # A big machine (fedqc runs on CPU today: hours): 1000 client samples, every corruption of each,
+    # every arm trained.
+    "full": {
+        "data.samples-per-client": 250,
+        "data.num-eval": 200,
+        "train.rounds": 10,
+        "train.local-steps": 10,
+        "train.batch-size": 16,
+        "bench.variants": len(CORRUPTIONS),
+        "bench.anchor-repeats": 20,
+        "bench.em-questions": 200,
+        "bench.max-new-tokens": 256,
+        "bench.train": "all",
+    },
+}
+
+
+def load_bench_config(
+    path: str | Path | None, overrides: list[str] | None = None, profile: str | None = None
+) -> tuple[Config, BenchConfig]:
+    """Defaults, then the profile, then a TOML file ([bench] and the run sections), then --set."""
+    cfg, bench = Config(), BenchConfig()
+
+    def put(key: str, value: Any, source: str) -> None:
+        section, _, name = key.partition(".")
+        if section == "bench":
+            bench.set(name, value, source)
+        else:
+            cfg.set(key, value, source)
+
+    if profile is not None:
+        if profile not in PROFILES:
+            raise FedqcError(f"unknown profile '{profile}'; use one of {', '.join(PROFILES)}")
+        for key, value in PROFILES[profile].items():
+            put(key, value, f"--{profile}")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FedqcError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise FedqcError(f"{path}: not valid TOML ({exc})") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise FedqcError(f"{path}: '{section}' must be a [section] of keys")
+            for key, value in values.items():
+                put(f"{section}.{key}", value, str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedqcError(f"--set {item!r}: expected key=value, e.g. --set bench.variants=5")
+        put(key.strip(), value.strip(), "--set")
+    return cfg, bench
+
+
+def _floats(bench: BenchConfig, name: str, low: float, high: float) -> list[float]:
+    return _floats_of(getattr(bench, name), f"bench.{name.replace('_', '-')}", low, high)
+
+
+def _floats_of(text: str, key: str, low: float, high: float) -> list[float]:
+    try:
+        values = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(low <= v <= high for v in values):
+        raise FedqcError(f"{key} '{text}': a comma-separated list of numbers in [{low}, {high}]")
+    return values

@@ -1,0 +1,92 @@
+"""Exact match on GSM8K-style answers: greedy generation, then the final ``#### N`` number."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from fedqc.data.encoding import format_prompt
+from fedqc.data.samples import Sample
+from fedqc.models.loading import LoadedModel
+
+_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_ANSWERED = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\n")  # the final line is complete
+GEN_BATCH = 32
+
+
+def final_number(text: str) -> Decimal | None:
+    """The number after the last ``####`` (commas, a leading ``$`` and trailing zeros ignored)."""
+    found = _FINAL.findall(text)
+    if not found:
+        return None
+    try:
+        return Decimal(found[-1].replace(",", "")).normalize()
+    except InvalidOperation:
+        return None
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """``exact_match``: share whose final number equals the reference's (a missing one counts as
+    wrong); ``answer_format``: share of predictions that end with a ``#### N`` line at all."""
+    if len(predictions) != len(references):
+        raise ValueError("one prediction per reference")
+    if not predictions:
+        return {"exact_match": float("nan"), "answer_format": float("nan")}
+    got = [final_number(p) for p in predictions]
+    want = [final_number(r) for r in references]
+    hits = sum(g is not None and g == w for g, w in zip(got, want, strict=True))
+    return {
+        "exact_match": hits / len(predictions),
+        "answer_format": sum(g is not None for g in got) / len(predictions),
+    }
+
+
+class _Answered(StoppingCriteria):
+    """Per row: stop once a ``#### N`` line is complete (what follows it is never scored)."""
+
+    def __init__(self, tokenizer, prompt_width: int) -> None:
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_width :], skip_special_tokens=True
+        )
+        return torch.tensor([bool(_ANSWERED.search(t)) for t in texts], device=input_ids.device)
+
+
+@torch.inference_mode()
+def generate(loaded: LoadedModel, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+    """Greedy answers to the samples' prompts on the model's current adapter, in input order.
+
+    A row stops at EOS, after its ``#### N`` line, or after ``max_new_tokens``.
+    """
+    tok, model = loaded.tokenizer, loaded.model
+    model.eval()
+    prompts = [tok(format_prompt(tok, s.prompt), add_special_tokens=False) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]["input_ids"]))
+    out: list[str] = [""] * len(samples)
+    for start in range(0, len(order), GEN_BATCH):
+        rows = order[start : start + GEN_BATCH]
+        width = max(len(prompts[i]["input_ids"]) for i in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):  # left padding: every row ends where generation starts
+            p = prompts[i]["input_ids"]
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_Answered(tok, width)]),
+        )
+        for r, i in enumerate(rows):
+            out[i] = tok.decode(generated[r, width:], skip_special_tokens=True)
+    return out

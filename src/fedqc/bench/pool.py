@@ -1,0 +1,130 @@
+"""The bench's data, scored once: a clean evaluation set, clean anchors, and a client pool whose
+items each carry their clean answer and some corrupted versions.
+
+Scoring is the expensive part, so every pool entry (an item, clean or in one corruption) is scored
+exactly once: one pass for ℓ(r|q) and one for ℓ(r), from which all four scorers follow. Every
+federation of the bench (the main one, and those of the sweeps) is assembled from these entries, so
+its scores are looked up, not recomputed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedqc.bench.config import BenchConfig
+from fedqc.config import Config
+from fedqc.data.demo import load_gsm8k
+from fedqc.data.encoding import encode_all
+from fedqc.data.partition import Member, corrupt_variants
+from fedqc.data.samples import Sample, load_samples
+from fedqc.errors import FedqcError
+from fedqc.models.likelihood import response_nll
+from fedqc.models.loading import LoadedModel
+from fedqc.scoring.scorers import get_scorer
+
+
+@dataclass
+class BenchData:
+    eval: list[Sample]  # clean, held out: eval loss and exact match
+    anchors: list[Sample]  # clean, the server's: the first data.num-anchors set τ
+    items: list[Sample]  # clean base items of the client pool
+    variants: list[dict[str, str]]  # per item: corruption type -> corrupted response
+
+    def entries(self) -> list[tuple[int, str | None]]:
+        """Every (item, corruption or None) the pool holds: the units that get scored."""
+        out: list[tuple[int, str | None]] = [(i, None) for i in range(len(self.items))]
+        out += [(i, k) for i, v in enumerate(self.variants) for k in v]
+        return out
+
+    def sample(self, member: Member) -> Sample:
+        item = self.items[member.item]
+        if member.corruption is None:
+            return item
+        return Sample(item.id, item.prompt, self.variants[member.item][member.corruption])
+
+
+def source_samples(bench: BenchConfig) -> list[Sample]:
+    if bench.source:
+        return load_samples(bench.source)
+    return [Sample(x["id"], x["question"], x["answer"]) for x in load_gsm8k()]
+
+
+def split_data(cfg: Config, bench: BenchConfig) -> BenchData:
+    """Eval, anchors and pool: disjoint, from one seeded shuffle of the source.
+
+    Item k of the shuffled pool gets ``bench.variants`` corruption types, taken in turn from
+    ``bench.types`` (so each type has the same number of items).
+    """
+    d, types = cfg.data, bench.type_list
+    num_anchors = max(d.num_anchors, *bench.anchor_counts)
+    pool_size = d.num_clients * d.samples_per_client
+    samples = source_samples(bench)
+    need = d.num_eval + num_anchors + pool_size
+    if need > len(samples):
+        raise FedqcError(
+            f"the bench needs {need} samples (eval {d.num_eval} + anchors {num_anchors} + "
+            f"pool {d.num_clients}×{d.samples_per_client}) but the source has {len(samples)}"
+        )
+    rng = random.Random(f"fedqc-bench-{d.seed}")
+    samples = list(samples)
+    rng.shuffle(samples)
+    eval_set, anchors = samples[: d.num_eval], samples[d.num_eval : d.num_eval + num_anchors]
+    items = samples[d.num_eval + num_anchors : need]
+    v = min(bench.variants, len(types))
+    wanted = [[types[(k * v + j) % len(types)] for j in range(v)] for k in range(len(items))]
+    variants = corrupt_variants([s.response for s in items], wanted, rng)
+    return BenchData(eval_set, anchors, items, variants)
+
+
+@dataclass
+class Losses:
+    """Per-sample token-mean response losses: ℓ(r|q) and ℓ(r); every scorer is a formula of them."""
+
+    cond: np.ndarray
+    bare: np.ndarray
+    truncated: np.ndarray  # bool: cut to model.max-length
+
+    def raw(self, scorer: str) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return get_scorer(scorer).formula(self.cond, self.bare).astype(np.float64)
+
+    def oriented(self, scorer: str) -> np.ndarray:
+        return get_scorer(scorer).orient(self.raw(scorer))
+
+    def take(self, index: np.ndarray | Sequence[int]) -> Losses:
+        index = np.asarray(index, dtype=np.int64)
+        return Losses(self.cond[index], self.bare[index], self.truncated[index])
+
+
+def score_losses(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    max_length: int,
+    batch_tokens: int = 4096,
+    on_batch: Callable[[int], None] | None = None,
+) -> Losses:
+    """ℓ(r|q) and ℓ(r) of each sample on the model's current adapter, each pass run once.
+
+    The same encodings and batched pass as :func:`fedqc.scoring.scorers.score_samples`; bare
+    sequences that are identical token for token (an exchanged answer and its own item) are
+    scored once.
+    """
+    tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    cond = encode_all(tok, list(samples), max_length)
+    sums, counts = response_nll(loaded.model, cond, pad, batch_tokens, on_batch)
+    bare = encode_all(tok, list(samples), max_length, bare=True)
+    unique: dict[tuple[int, ...], int] = {}
+    slot = [unique.setdefault(e.input_ids, len(unique)) for e in bare]
+    firsts = {s: i for i, s in reversed(list(enumerate(slot)))}
+    distinct = [bare[firsts[s]] for s in range(len(unique))]
+    bsums, bcounts = response_nll(loaded.model, distinct, pad, batch_tokens, on_batch)
+    slot_arr = np.asarray(slot, dtype=np.int64)
+    return Losses(
+        sums / np.maximum(counts, 1),
+        (bsums / np.maximum(bcounts, 1))[slot_arr] if len(slot) else np.zeros(0),
+        np.array([e.truncated for e in cond], dtype=bool),
+    )

@@ -1,0 +1,1 @@
+"""Tables, plots (matplotlib, Agg) and the self-contained HTML report of a bench run."""

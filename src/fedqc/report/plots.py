@@ -1,0 +1,180 @@
+"""The bench's figures, written as PNG files with matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
+
+CLEAN, CORRUPTED = "#2b8cbe", "#e34a33"
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _legend_and_title(fig, axes, title: str) -> None:
+    """The legend right of the last panel, the title above the panels' own titles."""
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title, fontsize=10, y=1.04)
+
+
+def score_histograms(
+    path: Path,
+    title: str,
+    scores: Sequence[np.ndarray],
+    clean: Sequence[np.ndarray],
+    thresholds: Mapping[str, Sequence[float | None]],
+    xlabel: str,
+) -> Path:
+    """One panel per client: scores of clean and corrupted samples, and a line per τ.
+
+    ``thresholds``: label -> τ per client (in the same units as ``scores``). A log x-axis is used
+    when all scores are positive and span more than two decades (perplexity).
+    """
+    every = np.concatenate([np.asarray(s, dtype=float) for s in scores])
+    every = every[np.isfinite(every)]
+    log = every.size > 0 and every.min() > 0 and every.max() / every.min() > 100
+    if every.size == 0:
+        bins = np.linspace(0, 1, 21)
+    elif log:
+        bins = np.geomspace(every.min(), every.max(), 26)
+    else:
+        low, high = float(every.min()), float(every.max())
+        bins = np.linspace(low, high if high > low else low + 1, 26)
+    n = len(scores)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.0), sharex=True, squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        s = np.asarray(scores[c], dtype=float)
+        ok = np.isfinite(s)
+        flags = np.asarray(clean[c], dtype=bool)
+        ax.hist(s[ok & flags], bins=bins, color=CLEAN, alpha=0.7, label="clean")
+        ax.hist(s[ok & ~flags], bins=bins, color=CORRUPTED, alpha=0.7, label="corrupted")
+        for k, (label, taus) in enumerate(thresholds.items()):
+            tau = taus[c]
+            if tau is not None and math.isfinite(tau):
+                ax.axvline(tau, color="black", ls=LINE_STYLES[k % 4], lw=1.2, label=f"τ {label}")
+        if log:
+            ax.set_xscale("log")
+        ax.set_title(f"client {c} ({int((~flags).sum())}/{len(flags)} corrupted)", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("samples", fontsize=8)
+    _legend_and_title(fig, axes, title)
+    return _save(fig, path)
+
+
+def panels_by(
+    path: Path,
+    rows: Sequence[dict],
+    x: str,
+    y: str,
+    *,
+    title: str,
+    xlabel: str = "",
+    ylabel: str = "",
+    panel: str = "scorer",
+    line: str = "rule",
+    err: str | None = None,
+    sharey: bool = True,
+) -> Path:
+    """A panel per value of ``panel`` (e.g. scorer), a line per value of ``line`` (e.g. rule)."""
+    panels = list(dict.fromkeys(r[panel] for r in rows))
+    fig, axes = plt.subplots(
+        1,
+        max(len(panels), 1),
+        figsize=(3.6 * max(len(panels), 1), 3.0),
+        sharey=sharey,
+        squeeze=False,
+    )
+    for ax, name in zip(axes[0], panels, strict=False):
+        mine = [r for r in rows if r[panel] == name]
+        for k, key in enumerate(dict.fromkeys(r[line] for r in mine)):
+            pts = sorted((r for r in mine if r[line] == key), key=lambda r: r[x])
+            xs, ys = [r[x] for r in pts], [r[y] for r in pts]
+            if err is None:
+                ax.plot(xs, ys, marker="o", ls=LINE_STYLES[k % 4], label=key)
+            else:
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[r[err] for r in pts],
+                    marker="o",
+                    capsize=3,
+                    ls=LINE_STYLES[k % 4],
+                    label=key,
+                )
+        ax.set_title(str(name), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    _legend_and_title(fig, axes, title)
+    return _save(fig, path)
+
+
+def grouped_bars(
+    path: Path,
+    rows: Sequence[dict],
+    y: str,
+    *,
+    title: str,
+    ylabel: str = "",
+    panel: str = "rule",
+    group: str = "corruption",
+    bar: str = "scorer",
+) -> Path:
+    """One panel per ``panel`` value; groups along x (e.g. corruption type), a bar per ``bar``."""
+    panels = list(dict.fromkeys(r[panel] for r in rows))
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    bars = list(dict.fromkeys(r[bar] for r in rows))
+    width = 0.8 / max(len(bars), 1)
+    fig, axes = plt.subplots(
+        1,
+        max(len(panels), 1),
+        figsize=(4.2 * max(len(panels), 1), 3.2),
+        sharey=True,
+        squeeze=False,
+    )
+    for ax, name in zip(axes[0], panels, strict=False):
+        for k, b in enumerate(bars):
+            values = {r[group]: r[y] for r in rows if r[panel] == name and r[bar] == b}
+            ax.bar(
+                np.arange(len(groups)) + (k - (len(bars) - 1) / 2) * width,
+                [values.get(g, np.nan) for g in groups],
+                width,
+                label=b,
+            )
+        ax.set_xticks(np.arange(len(groups)), groups, rotation=30, fontsize=7)
+        ax.set_title(str(name), fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    _legend_and_title(fig, axes, title)
+    return _save(fig, path)
+
+
+def eval_curves(path: Path, histories: Mapping[str, Sequence[dict]], title: str) -> Path:
+    """Held-out eval loss after each round, one line per arm (round 0: the untrained model)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for k, (arm, rows) in enumerate(histories.items()):
+        pts = [(r["round"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", ls=LINE_STYLES[k % 4], label=arm)
+    ax.set_xlabel("round", fontsize=8)
+    ax.set_ylabel("eval loss (clean held-out)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
