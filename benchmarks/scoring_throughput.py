@@ -57,8 +57,13 @@ METRICS = ("ppl", "cond-prob", "ifd", "ira")
 GOAL_VS_REFERENCE, GOAL_VS_BARE = 3.0, 0.9
 
 # Hands score_samples' two per-sample losses back unchanged: raw[0] = ℓ(r|q), raw[1] = ℓ(r).
-LOSSES = Scorer("losses", HIGHER_IS_BETTER, True, lambda c, b: np.stack([c, b]),
-                "(ℓ(r|q), ℓ(r)), from which every fedqc score is computed")
+LOSSES = Scorer(
+    "losses",
+    HIGHER_IS_BETTER,
+    True,
+    lambda c, b: np.stack([c, b]),
+    "(ℓ(r|q), ℓ(r)), from which every fedqc score is computed",
+)
 
 
 def demo_samples(n: int, clients: int = 4) -> list[Sample]:
@@ -75,8 +80,9 @@ def all_scores(cond: np.ndarray, bare: np.ndarray) -> dict[str, np.ndarray]:
         return {m: SCORERS[m].formula(cond, bare).astype(np.float64) for m in METRICS}
 
 
-def run_fedqc(loaded: LoadedModel, samples: list[Sample], max_length: int, batch_tokens: int
-              ) -> dict[str, np.ndarray]:
+def run_fedqc(
+    loaded: LoadedModel, samples: list[Sample], max_length: int, batch_tokens: int
+) -> dict[str, np.ndarray]:
     """fedqc's path: one conditioned + one bare batched pass, then all four formulas."""
     losses = score_samples(loaded, samples, LOSSES, max_length, batch_tokens).raw
     return all_scores(losses[0], losses[1])
@@ -90,8 +96,9 @@ def _loss(model: torch.nn.Module, e: Encoded) -> float:
     return model(input_ids=ids, labels=labels).loss.item()
 
 
-def run_reference(loaded: LoadedModel, samples: list[Sample], max_length: int
-                  ) -> dict[str, np.ndarray]:
+def run_reference(
+    loaded: LoadedModel, samples: list[Sample], max_length: int
+) -> dict[str, np.ndarray]:
     """The papers' loop: per sample, a separate pass (or pair of passes) for each metric."""
     model, tok = loaded.model, loaded.tokenizer
     model.eval()
@@ -107,13 +114,16 @@ def run_reference(loaded: LoadedModel, samples: list[Sample], max_length: int
     return out
 
 
-def bare_forward(loaded: LoadedModel, samples: list[Sample], max_length: int, batch_tokens: int
-                 ) -> Callable[[], None]:
+def bare_forward(
+    loaded: LoadedModel, samples: list[Sample], max_length: int, batch_tokens: int
+) -> Callable[[], None]:
     """A timed callable: the two batched passes, no labels, no scores (batches pre-built)."""
     tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
-    batches = [b for bare in (False, True)
-               for b in token_budget_batches(encode_all(tok, samples, max_length, bare),
-                                             batch_tokens, pad)]
+    batches = [
+        b
+        for bare in (False, True)
+        for b in token_budget_batches(encode_all(tok, samples, max_length, bare), batch_tokens, pad)
+    ]
     model = loaded.model
 
     def run() -> None:
@@ -141,13 +151,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=64, help="demo samples to score")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
-    parser.add_argument("--ref-repeats", type=int, default=1,
-                        help="timed runs of the reference loop (one run of all 64 samples takes "
-                             "minutes; 3 adds about 7 minutes on 2 cores)")
-    parser.add_argument("--ref-samples", type=int, default=None,
-                        help="run the reference on the first N samples only (default: all)")
-    parser.add_argument("--warmup-samples", type=int, default=4,
-                        help="samples in the one warm-up run of each method")
+    parser.add_argument(
+        "--ref-repeats",
+        type=int,
+        default=1,
+        help="timed runs of the reference loop (one run of all 64 samples takes "
+        "minutes; 3 adds about 7 minutes on 2 cores)",
+    )
+    parser.add_argument(
+        "--ref-samples",
+        type=int,
+        default=None,
+        help="run the reference on the first N samples only (default: all)",
+    )
+    parser.add_argument(
+        "--warmup-samples",
+        type=int,
+        default=4,
+        help="samples in the one warm-up run of each method",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--max-length", type=int, default=ModelConfig().max_length)
     parser.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens)
@@ -165,12 +187,14 @@ def main() -> None:
     n_resp_ref = response_tokens(loaded, ref_samples, args.max_length)
     cond = encode_all(loaded.tokenizer, samples, args.max_length)
     bare = encode_all(loaded.tokenizer, samples, args.max_length, bare=True)
-    print(f"SmolLM2-135M, torch {torch.__version__}, {args.threads} threads | "
-          f"{len(samples)} samples, "
-          f"max_length {args.max_length}, batch_tokens {args.batch_tokens} | "
-          f"tokens: {n_resp} response, {sum(len(e.input_ids) for e in cond)} conditioned, "
-          f"{sum(len(e.input_ids) for e in bare)} bare, {sum(e.truncated for e in cond)} truncated"
-          f" | load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"SmolLM2-135M, torch {torch.__version__}, {args.threads} threads | "
+        f"{len(samples)} samples, "
+        f"max_length {args.max_length}, batch_tokens {args.batch_tokens} | "
+        f"tokens: {n_resp} response, {sum(len(e.input_ids) for e in cond)} conditioned, "
+        f"{sum(len(e.input_ids) for e in bare)} bare, {sum(e.truncated for e in cond)} truncated"
+        f" | load average {os.getloadavg()[0]:.1f}"
+    )
 
     def fedqc_fn(s: list[Sample]) -> Callable[[], dict[str, np.ndarray]]:
         return lambda: run_fedqc(loaded, s, args.max_length, args.batch_tokens)
@@ -194,8 +218,11 @@ def main() -> None:
                 secs, cpu, results[name] = timed(fn)
                 best[name], best_cpu[name] = min(best[name], secs), min(best_cpu[name], cpu)
                 if args.verbose:
-                    print(f"  repeat {r + 1}: {name:<9} {secs:7.2f} s wall {cpu:7.2f} s CPU "
-                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                    print(
+                        f"  repeat {r + 1}: {name:<9} {secs:7.2f} s wall {cpu:7.2f} s CPU "
+                        f"(load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
     t_fedqc, t_bare, t_ref = best["fedqc"], best["bare"], best["reference"]
     fedqc_scores, ref_scores = results["fedqc"], results["reference"]
 
@@ -208,27 +235,47 @@ def main() -> None:
     tp_fedqc, tp_ref, tp_bare = n_resp / t_fedqc, n_resp_ref / t_ref, n_resp / t_bare
     rows = [
         ("fedqc score_samples", "2 batched", len(samples), args.repeats, "fedqc", n_resp),
-        ("reference (bs=1, full logits)", "6 per sample", ref_n, ref_repeats, "reference",
-         n_resp_ref),
+        (
+            "reference (bs=1, full logits)",
+            "6 per sample",
+            ref_n,
+            ref_repeats,
+            "reference",
+            n_resp_ref,
+        ),
         ("bare batched forward", "2 batched", len(samples), args.repeats, "bare", n_resp),
     ]
-    print(f"\n{'method':<30} {'passes':<13} {'samples':>7} {'best of':>7} {'wall s':>8} "
-          f"{'resp tok/s':>10} {'CPU s':>8}")
+    print(
+        f"\n{'method':<30} {'passes':<13} {'samples':>7} {'best of':>7} {'wall s':>8} "
+        f"{'resp tok/s':>10} {'CPU s':>8}"
+    )
     for name, passes, n, reps, key, tokens in rows:
-        print(f"{name:<30} {passes:<13} {n:>7} {reps:>7} {best[key]:>8.2f} "
-              f"{tokens / best[key]:>10.1f} {best_cpu[key]:>8.2f}")
+        print(
+            f"{name:<30} {passes:<13} {n:>7} {reps:>7} {best[key]:>8.2f} "
+            f"{tokens / best[key]:>10.1f} {best_cpu[key]:>8.2f}"
+        )
     vs_ref, vs_bare = tp_fedqc / tp_ref, tp_fedqc / tp_bare
     cpu_tp = {k: tokens / best_cpu[k] for *_, k, tokens in rows}
-    print(f"\nfedqc / reference     {vs_ref:6.2f}x  (goal >= {GOAL_VS_REFERENCE:.1f}x: "
-          f"{'met' if vs_ref >= GOAL_VS_REFERENCE else 'NOT met'})")
-    print(f"fedqc / bare forward  {vs_bare:6.2f}x  (goal >= {GOAL_VS_BARE:.1f}x: "
-          f"{'met' if vs_bare >= GOAL_VS_BARE else 'NOT met'})")
-    print(f"same ratios on CPU seconds (less sensitive to other load): "
-          f"{cpu_tp['fedqc'] / cpu_tp['reference']:.2f}x, {cpu_tp['fedqc'] / cpu_tp['bare']:.2f}x")
-    print(f"reference scores match fedqc on {ref_n} samples: max relative difference "
-          f"{worst:.1e} (rtol 1e-3)")
-    print(f"total runtime {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs (other processes make every timing slower)")
+    print(
+        f"\nfedqc / reference     {vs_ref:6.2f}x  (goal >= {GOAL_VS_REFERENCE:.1f}x: "
+        f"{'met' if vs_ref >= GOAL_VS_REFERENCE else 'NOT met'})"
+    )
+    print(
+        f"fedqc / bare forward  {vs_bare:6.2f}x  (goal >= {GOAL_VS_BARE:.1f}x: "
+        f"{'met' if vs_bare >= GOAL_VS_BARE else 'NOT met'})"
+    )
+    print(
+        f"same ratios on CPU seconds (less sensitive to other load): "
+        f"{cpu_tp['fedqc'] / cpu_tp['reference']:.2f}x, {cpu_tp['fedqc'] / cpu_tp['bare']:.2f}x"
+    )
+    print(
+        f"reference scores match fedqc on {ref_n} samples: max relative difference "
+        f"{worst:.1e} (rtol 1e-3)"
+    )
+    print(
+        f"total runtime {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs (other processes make every timing slower)"
+    )
 
 
 if __name__ == "__main__":
