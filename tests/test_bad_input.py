@@ -4,6 +4,7 @@ written; samples too long are truncated and counted; non-finite scores are rejec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -135,7 +136,7 @@ def test_non_finite_scores_are_rejected_and_counted(
         s = real(*args, **kwargs)
         raw = s.raw.copy()
         raw[:3] = [np.nan, np.inf, -np.inf]
-        return Scores(raw, -raw, s.truncated)  # ppl: oriented = −raw
+        return dataclasses.replace(s, raw=raw, oriented=-raw)  # ppl: oriented = −raw
 
     monkeypatch.setattr(client_app, "score_samples", with_bad_scores)
     cfg = Config.from_flat(
