@@ -30,7 +30,7 @@ A CPU-seconds column and ratios on CPU time are printed too: wall-clock ratios a
 on an otherwise idle machine (the header and footer show the load average).
 
     .venv/bin/python benchmarks/scoring_throughput.py [--repeats 3] [--ref-samples 64] [--threads 2]
-    # about 10 minutes on 2 idle CPU cores with the defaults; -v prints every timed run
+    # -v prints every timed run. Estimated ~10 min on 2 idle cores; far longer on a busy machine.
 """
 
 from __future__ import annotations
@@ -150,13 +150,17 @@ def main() -> None:
     defaults = QualityConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=64, help="demo samples to score")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best kept)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of fedqc and the bare forward (best kept)",
+    )
     parser.add_argument(
         "--ref-repeats",
         type=int,
         default=1,
-        help="timed runs of the reference loop (one run of all 64 samples takes "
-        "minutes; 3 adds about 7 minutes on 2 cores)",
+        help="timed runs of the reference loop (each run over all 64 samples takes minutes)",
     )
     parser.add_argument(
         "--ref-samples",
