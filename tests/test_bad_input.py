@@ -290,3 +290,13 @@ def test_allow_empty_and_force_reach_the_run_config(tmp_path, tiny_model_dir, de
         open_run(None, sets, str(run_dir))
     cfg, _ = open_run(None, sets, str(run_dir), force=True)
     assert cfg.output.force and not cfg.quality.allow_empty
+
+
+def test_output_run_dir_from_the_config_is_the_run_directory(tmp_path, tiny_model_dir, demo_dir):
+    sets = [f"model.name={tiny_model_dir}", f"data.clients-dir={demo_dir / 'clients'}"]
+    sets += ["quality.rule=fixed:5", f"output.run-dir={tmp_path / 'chosen'}"]
+    cfg, run_dir = open_run(None, sets, None)
+    assert run_dir == tmp_path / "chosen" and cfg.output.run_dir == str(run_dir)
+    assert (run_dir / "config.toml").is_file()
+    _, other = open_run(None, sets, str(tmp_path / "given"))  # --out wins over the config
+    assert other == tmp_path / "given"

@@ -167,7 +167,7 @@ def open_run(
     cfg = load_config(config, overrides)
     cfg = cfg.replace(**{"quality.allow-empty": allow_empty or cfg.quality.allow_empty})
     check_inputs(cfg)
-    run_dir = new_run_dir(out, force)
+    run_dir = new_run_dir(out or cfg.output.run_dir or None, force)
     cfg = cfg.replace(**{"output.force": force, "output.resume": False})
     return prepare(cfg, run_dir), run_dir
 
