@@ -19,30 +19,36 @@ B ≠ 0) and one anchor direction ḡ (the mean gradient of the demo anchors, co
 
 Time: each method is warmed up once on a few samples; then ``--repeats`` rounds run every method
 once, interleaved (the machine may be shared: interleaving spreads load changes over all methods),
-and the best round of each is kept. Ratios are of throughput, tokens (prompt + response) per
-wall-clock second, so the slow loop may run on the first ``--loop-samples`` samples only. Process
-CPU seconds (user + system, all threads) are printed too. Goals: loop/hooks >= 1.5x (throughput of
-hooks over loop), hooks/train <= 1.3x (cost of hooks over a training step).
+and the best round of each is kept. The timed rounds use glibc's default malloc settings. Ratios
+are of throughput, tokens (prompt + response) per wall-clock second, so the slow loop may run on
+the first ``--loop-samples`` samples only. Process CPU seconds (user + system, all threads) are
+printed too. Goals: loop/hooks >= 1.5x (throughput of hooks over loop), hooks/train <= 1.3x (cost
+of hooks over a training step).
 
-Peak memory: torch has no CPU allocator statistics and ``tracemalloc`` does not see torch's
-allocations, so the kernel's counters are used: before each timed run the peak-RSS mark is reset to
-the current RSS (``/proc/self/clear_refs``, value 5), and after it the peak (``VmHWM``) is read.
-The figure is peak minus RSS before the run: the extra memory the run needed at its worst moment
-(the largest over the rounds). The script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536``
-so that glibc serves every tensor-sized block by mmap and unmaps it on free (torch's CPU allocator
-caches nothing), so RSS tracks live memory rather than malloc's free lists. The hooks engine also
-runs once on the first half of the samples: its peak follows the largest batch (at most
-``--batch-tokens`` padded tokens, printed beside it), not the number of samples.
+Peak memory, in a fresh subprocess after the timed rounds (the same script with
+``--memory-child``; it loads the model, takes a random direction for ḡ, warms each method up on one
+sample, then runs each once): torch has no CPU allocator statistics and ``tracemalloc`` does not
+see torch's allocations, so the kernel's counters are used. Before each run the peak-RSS mark is
+reset to the current RSS (``/proc/self/clear_refs``, value 5); after it the peak (``VmHWM``) is
+read. The figure is peak minus RSS before the run: the extra memory the run needed at its worst
+moment. The subprocess starts with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc serves every block of
+64 KiB or more by mmap and unmaps it on free (torch's CPU allocator caches nothing): RSS then tracks
+live memory instead of malloc's free lists. (That setting costs page faults, so it is kept out of
+the timed process.) It runs on the first ``--memory-samples`` samples (default: all), the hooks
+engine also on half of those: its peak follows the largest batch (at most ``--batch-tokens``
+padded tokens, printed beside it), not the number of samples.
 
     .venv/bin/python benchmarks/gradient_scoring.py [--samples 64] [--loop-samples 16]
-        [--repeats 1] [--threads 2] [--batch-tokens 4096]
+        [--memory-samples 16] [--repeats 1] [--threads 2] [--batch-tokens 4096]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +84,7 @@ def demo_data(n: int, clients: int = 4) -> tuple[list[Sample], list[Sample]]:
 class Setup:
     """The model at a fixed checkpoint, the encoded samples and the anchor direction ḡ."""
 
-    def __init__(self, n: int, max_length: int, batch_tokens: int):
+    def __init__(self, n: int, max_length: int, batch_tokens: int, anchors: bool = True):
         self.loaded: LoadedModel = load(ModelConfig())
         self.model, tok = self.loaded.model, self.loaded.tokenizer
         self.pad, self.batch_tokens = tok.pad_token_id, batch_tokens
@@ -88,12 +94,14 @@ class Setup:
             for k, v in get_adapter_state(self.model).items()
         }
         set_adapter_state(self.model, self.adapter)
-        samples, anchors = demo_data(n)
+        samples, anchor_samples = demo_data(n)
         self.encoded = encode_all(tok, samples, max_length)
         self.blocks = lora_blocks(self.model)
-        self.g_bar = mean_gradient(
-            self.model, encode_all(tok, anchors, max_length), self.pad, batch_tokens=batch_tokens
-        )
+        if anchors:
+            enc_anchors = encode_all(tok, anchor_samples, max_length)
+            self.g_bar = mean_gradient(self.model, enc_anchors, self.pad, batch_tokens=batch_tokens)
+        else:  # the memory round: any direction of the right shape costs the same
+            self.g_bar = {b.name: torch.randn(b.shape, generator=g) for b in self.blocks}
         self.g_flat = flatten(self.g_bar, self.blocks)
         self.moments = {
             k: (1e-3 * torch.randn(v.shape, generator=g), 1e-6 * torch.rand(v.shape, generator=g))
@@ -178,6 +186,19 @@ def measure(fn: Callable[[], object]) -> Run:
     return Run(wall, cpu, (_status_kib("VmHWM") - before) / 1024, result)
 
 
+def memory_round(args: argparse.Namespace) -> None:
+    """In a fresh process started with the mmap threshold: each method's peak extra MiB, as JSON."""
+    setup = Setup(args.samples, args.max_length, args.batch_tokens, anchors=False)
+    enc = setup.encoded[: args.memory_samples]
+    data = {m: enc for m in METHODS}
+    data["loop"] = enc[: args.loop_samples or len(enc)]
+    for m in METHODS:
+        setup.run(m, enc[:1])
+    peak = {m: measure(lambda m=m: setup.run(m, data[m])).peak_extra_mib for m in METHODS}
+    peak["hooks@half"] = measure(lambda: setup.run("hooks", enc[: len(enc) // 2])).peak_extra_mib
+    print(json.dumps(peak))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=64, help="demo samples to score")
@@ -186,6 +207,9 @@ def main() -> None:
         type=int,
         default=None,
         help="run the reference loop on the first N samples only (default: all)",
+    )
+    parser.add_argument(
+        "--memory-samples", type=int, default=None, help="samples of the memory round (all)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved timed rounds")
     parser.add_argument(
@@ -197,11 +221,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--max-length", type=int, default=ModelConfig().max_length)
     parser.add_argument("--batch-tokens", type=int, default=QualityConfig().batch_tokens)
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # see the docstring: memory
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_round(args)
+        return
 
     t0 = time.perf_counter()
     setup = Setup(args.samples, args.max_length, args.batch_tokens)
@@ -221,15 +246,20 @@ def main() -> None:
         setup.run(m, enc[: args.warmup_samples])
     load_start = os.getloadavg()[0]
     best: dict[str, Run] = {}
-    peak = dict.fromkeys(METHODS, 0.0)
     for _ in range(args.repeats):
         for m in METHODS:
             run = measure(lambda m=m: setup.run(m, data[m]))
-            peak[m] = max(peak[m], run.peak_extra_mib)
             if m not in best or run.wall < best[m].wall:
                 best[m] = run
-    half = measure(lambda: setup.run("hooks", enc[: len(enc) // 2]))
     load_end = os.getloadavg()[0]
+    n_mem = min(args.memory_samples or len(enc), len(enc))
+    child = [*sys.argv[1:], "--memory-child", "--memory-samples", str(n_mem)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring: memory
+    out = subprocess.run(
+        [sys.executable, __file__, *child], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    peak = json.loads(out.strip().splitlines()[-1])
+    half = peak.pop("hooks@half")
 
     loop = best["loop"].result
     hooks = best["hooks"].result[: len(loop)]
@@ -241,7 +271,7 @@ def main() -> None:
     tps = {m: tokens[m] / best[m].wall for m in METHODS}
     print(
         f"\n{'method':<12} {'samples':>7} {'wall s':>8} {'CPU s':>8} {'ms/sample':>10} "
-        f"{'tokens/s':>9} {'peak extra MiB':>15}"
+        f"{'tokens/s':>9} {'peak extra MiB':>15} (memory round: {n_mem} samples)"
     )
     for m in METHODS:
         r, n = best[m], len(data[m])
@@ -264,16 +294,16 @@ def main() -> None:
     print(f"hooks+adam / hooks   {tps['hooks'] / tps['hooks+adam']:5.2f}x wall")
     largest = {
         k: max(b.input_ids.numel() for b in token_budget_batches(e, args.batch_tokens, setup.pad))
-        for k, e in (("half", enc[: len(enc) // 2]), ("all", enc))
+        for k, e in (("half", enc[: n_mem // 2]), ("all", enc[:n_mem]))
     }
     print(
-        f"hooks peak extra: {half.peak_extra_mib:.0f} MiB on {len(enc) // 2} samples (largest "
-        f"batch {largest['half']} padded tokens), {peak['hooks']:.0f} MiB on {len(enc)} "
+        f"hooks peak extra: {half:.0f} MiB on {n_mem // 2} samples (largest "
+        f"batch {largest['half']} padded tokens), {peak['hooks']:.0f} MiB on {n_mem} "
         f"(largest batch {largest['all']}): it follows the batch, not the number of samples"
     )
     print(
         f"loop matches hooks: max relative difference {worst:.1e} (limit 1e-3) | best of "
-        f"{args.repeats} interleaved round(s) | load average {load_start:.1f} at start, "
+        f"{args.repeats} timed round(s) | load average {load_start:.1f} at start of timing, "
         f"{load_end:.1f} at end | total runtime {time.perf_counter() - t0:.0f} s"
     )
 
