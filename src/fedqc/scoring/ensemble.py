@@ -1,9 +1,17 @@
-"""Ensembles of forward-only scorers, calibrated on the anchors: ``ensemble:ppl+ifd``.
+"""Ensembles of forward-only scorers, calibrated on the anchors.
 
 Each component's oriented score is standardised by the anchors' median and standard deviation
-(the anchors fix every component's scale), and the ensemble score is the mean of those z-scores:
-higher is better. The server computes the calibration from its anchors and sends it with the
-scorer settings, so clients combine their scores on exactly the anchors' scale.
+(the anchors fix every component's scale). Two ways to combine the z-scores, higher is better:
+
+- ``ensemble:ppl+ifd`` - their mean;
+- ``ensemble-min:cond-prob+ifd+end-loss`` - their minimum, the weakest link: a sample must look
+  like the anchors to every component. Components that detect different corruptions (ℓ(r|q)
+  deleted words, ifd an answer to another question, end-loss a cut answer) then add up instead of
+  averaging out. A component with no value for a sample (end-loss of a truncated sample) is left
+  out of its minimum.
+
+The server computes the calibration from its anchors and sends it with the scorer settings, so
+clients combine their scores on exactly the anchors' scale.
 """
 
 from __future__ import annotations
@@ -13,33 +21,47 @@ import numpy as np
 from fedqc.errors import FedqcError
 from fedqc.scoring.scorers import HIGHER_IS_BETTER, SCORERS, Scorer
 
-PREFIX = "ensemble:"
+COMBINATIONS = {"ensemble:": "mean", "ensemble-min:": "min"}
 
 
 def is_ensemble(name: str) -> bool:
-    return name.startswith(PREFIX)
+    return name.startswith(tuple(COMBINATIONS))
+
+
+def _split(name: str) -> tuple[str, list[str]]:
+    prefix = next(p for p in COMBINATIONS if name.startswith(p))
+    return prefix, [p.strip() for p in name[len(prefix) :].split("+") if p.strip()]
 
 
 def components(name: str) -> list[Scorer]:
-    parts = [p.strip() for p in name[len(PREFIX) :].split("+") if p.strip()]
+    prefix, parts = _split(name)
     unknown = [p for p in parts if p not in SCORERS]
     if len(parts) < 2 or unknown or len(set(parts)) != len(parts):
         raise FedqcError(
             f"scorer '{name}': an ensemble names two or more different scorers joined by '+', "
-            f"from {', '.join(SCORERS)} (e.g. ensemble:ppl+ifd)"
+            f"from {', '.join(SCORERS)} (e.g. {prefix}ppl+ifd)"
         )
     return [SCORERS[p] for p in parts]
 
 
-def calibrate(name: str, cond_loss: np.ndarray, bare_loss: np.ndarray) -> list[float]:
+def calibrate(
+    name: str, cond_loss: np.ndarray, bare_loss: np.ndarray, end_loss: np.ndarray | None = None
+) -> list[float]:
     """[center_1, scale_1, center_2, scale_2, ...] from the anchors' losses."""
     calibration = []
     for scorer in components(name):
         with np.errstate(all="ignore"):
-            oriented = scorer.orient(scorer.formula(cond_loss, bare_loss))
+            oriented = scorer.orient(scorer.formula(cond_loss, bare_loss, end_loss))
         finite = oriented[np.isfinite(oriented)]
         if finite.size < 2:
-            raise FedqcError(f"scorer '{name}' needs at least 2 anchors with finite scores")
+            hint = (
+                " (end-loss has no value for an anchor cut at model.max-length: raise it)"
+                if scorer.name == "end-loss"
+                else ""
+            )
+            raise FedqcError(
+                f"scorer '{name}' needs at least 2 anchors with a finite {scorer.name}{hint}"
+            )
         calibration += [float(np.median(finite)), max(float(np.std(finite)), 1e-6)]
     return calibration
 
@@ -47,22 +69,29 @@ def calibrate(name: str, cond_loss: np.ndarray, bare_loss: np.ndarray) -> list[f
 def ensemble_scorer(name: str, calibration: list[float]) -> Scorer:
     """The calibrated ensemble as an ordinary (higher-is-better) scorer."""
     parts = components(name)
+    combination = COMBINATIONS[_split(name)[0]]
     if len(calibration) != 2 * len(parts):
         raise ValueError(f"{name}: calibration needs {2 * len(parts)} numbers")
     centers, scales = np.array(calibration[0::2]), np.array(calibration[1::2])
 
-    def formula(cond: np.ndarray, bare: np.ndarray) -> np.ndarray:
-        z = [
-            (p.orient(p.formula(cond, bare)) - c) / s
-            for p, c, s in zip(parts, centers, scales, strict=True)
-        ]
-        return np.mean(z, axis=0)
+    def formula(cond: np.ndarray, bare: np.ndarray, end: np.ndarray | None = None) -> np.ndarray:
+        z = np.array(
+            [
+                (p.orient(p.formula(cond, bare, end)) - c) / s
+                for p, c, s in zip(parts, centers, scales, strict=True)
+            ]
+        )
+        if combination == "mean":
+            return np.mean(z, axis=0)
+        with np.errstate(all="ignore"):  # all components NaN: the minimum is NaN (rejected)
+            return np.where(np.isnan(z).all(axis=0), np.nan, np.fmin.reduce(z, axis=0))
 
+    label = "mean" if combination == "mean" else "minimum"
     return Scorer(
         name,
         HIGHER_IS_BETTER,
         any(p.needs_bare for p in parts),
         formula,
-        "mean of anchor-standardised scores of " + ", ".join(p.name for p in parts),
+        f"{label} of anchor-standardised scores of " + ", ".join(p.name for p in parts),
         [float(x) for x in calibration],
     )

@@ -1,6 +1,7 @@
 """The forward-only scorers, computed from per-sample token-mean response losses.
 
-ℓ(r|q) is the mean NLL of the response given the prompt, ℓ(r) the same with an empty instruction.
+ℓ(r|q) is the mean NLL of the response given the prompt, ℓ(r) the same with an empty instruction,
+and ℓ_end the NLL of the end-of-sequence token after the response (from the same pass as ℓ(r|q)).
 Each scorer declares its direction once; thresholds and filters use the *oriented* score
 (direction × raw score), where higher always means better. The scorers computed at warm-up
 checkpoints (gradient, influence and in-context scores, ``fedqc.scoring.checkpointed``) declare
@@ -17,10 +18,16 @@ import numpy as np
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
-from fedqc.models.likelihood import response_nll
+from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
 
 HIGHER_IS_BETTER, LOWER_IS_BETTER = 1, -1
+
+
+def _needs_end(end: np.ndarray | None) -> np.ndarray:
+    if end is None:
+        raise ValueError("end-loss needs the end-of-sequence NLL (response_losses)")
+    return end
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,7 @@ class Scorer:
     name: str
     direction: int
     needs_bare: bool  # needs ℓ(r), the pass over the response with an empty instruction
-    formula: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (ℓ(r|q), ℓ(r)) -> raw score
+    formula: Callable[..., np.ndarray]  # (ℓ(r|q), ℓ(r), ℓ_end) -> raw score
     description: str
     calibration: list[float] | None = None  # ensembles: the anchors' (center, scale) per part
 
@@ -46,29 +53,37 @@ SCORERS: dict[str, Scorer] = {
             "ppl",
             LOWER_IS_BETTER,
             False,
-            lambda c, b: np.exp(c),
+            lambda c, b, e=None: np.exp(c),
             "perplexity of the response given the prompt, exp ℓ(r|q)",
         ),
         Scorer(
             "cond-prob",
             HIGHER_IS_BETTER,
             False,
-            lambda c, b: -c,
+            lambda c, b, e=None: -c,
             "mean log-probability of the response given the prompt, −ℓ(r|q)",
         ),
         Scorer(
             "ifd",
             LOWER_IS_BETTER,
             True,
-            lambda c, b: c / b,
+            lambda c, b, e=None: c / b,
             "instruction-following difficulty ℓ(r|q)/ℓ(r) (Cherry LLM); ≥ 1: prompt does not help",
         ),
         Scorer(
             "ira",
             HIGHER_IS_BETTER,
             True,
-            lambda c, b: b - c,
+            lambda c, b, e=None: b - c,
             "instruction-response alignment ℓ(r) − ℓ(r|q) (FedDQC), per-token means",
+        ),
+        Scorer(
+            "end-loss",
+            LOWER_IS_BETTER,
+            False,
+            lambda c, b, e=None: _needs_end(e),
+            "NLL of the end-of-sequence token after the response: high where it stops mid-way "
+            "(cut); NaN for a truncated sample",
         ),
     ]
 }
@@ -141,9 +156,34 @@ def get_checkpoint_scorer(name: str) -> CheckpointScorer:
     return CHECKPOINT_SCORERS[name]
 
 
+def is_checkpoint_scorer(name: str) -> bool:
+    return name in CHECKPOINT_SCORERS
+
+
+def any_scorer(name: str) -> Scorer | CheckpointScorer:
+    """A forward-only scorer, an ensemble (unit calibration) or a checkpoint scorer, by name."""
+    if name in CHECKPOINT_SCORERS:
+        return CHECKPOINT_SCORERS[name]
+    if name in SCORERS or name.startswith(("ensemble:", "ensemble-min:")):
+        return get_scorer(name)
+    raise FedqcError(
+        f"unknown scorer '{name}'; choose one of: {', '.join([*SCORERS, *CHECKPOINT_SCORERS])}, "
+        "or ensemble:a+b"
+    )
+
+
+def batch_tokens_for(scorer: str, batch_tokens: int, backward_batch_tokens: int) -> int:
+    """The batch budget a scorer runs with: the backward budget for the gradient scorers."""
+    checkpoint = CHECKPOINT_SCORERS.get(scorer)
+    if checkpoint is not None and checkpoint.needs in ("gradients", "datainf"):
+        return backward_batch_tokens
+    return batch_tokens
+
+
 def get_scorer(name: str, calibration: list[float] | None = None) -> Scorer:
-    """A scorer by name; ``ensemble:a+b`` takes its anchor calibration (unit scales if None)."""
-    if name.startswith("ensemble:"):
+    """A scorer by name; an ensemble (``ensemble:a+b``, ``ensemble-min:a+b``) takes its anchor
+    calibration (unit scales if None)."""
+    if name.startswith(("ensemble:", "ensemble-min:")):
         from fedqc.scoring.ensemble import components, ensemble_scorer
 
         return ensemble_scorer(name, calibration or [0.0, 1.0] * len(components(name)))
@@ -159,6 +199,7 @@ class Scores:
     truncated: int  # samples cut to the maximum length (scored on what was kept)
     cond_loss: np.ndarray  # ℓ(r|q) per sample
     bare_loss: np.ndarray  # ℓ(r) per sample (NaN when the scorer does not need it)
+    end_loss: np.ndarray | None = None  # ℓ_end per sample (NaN where truncated)
 
 
 def score_samples(
@@ -172,7 +213,7 @@ def score_samples(
     """Score samples on the model's current adapter. ``on_batch`` gets the rows done per batch."""
     tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
     cond = encode_all(tok, samples, max_length)
-    sums, counts = response_nll(loaded.model, cond, pad, batch_tokens, on_batch)
+    sums, counts, end_loss = response_losses(loaded.model, cond, pad, batch_tokens, on_batch)
     cond_loss = sums / np.maximum(counts, 1)
     bare_loss = np.full_like(cond_loss, np.nan)
     if scorer.needs_bare:
@@ -180,5 +221,6 @@ def score_samples(
         bsums, bcounts = response_nll(loaded.model, bare, pad, batch_tokens, on_batch)
         bare_loss = bsums / np.maximum(bcounts, 1)
     with np.errstate(all="ignore"):
-        raw = scorer.formula(cond_loss, bare_loss).astype(np.float64)
-    return Scores(raw, scorer.orient(raw), sum(e.truncated for e in cond), cond_loss, bare_loss)
+        raw = scorer.formula(cond_loss, bare_loss, end_loss).astype(np.float64)
+    truncated = sum(e.truncated for e in cond)
+    return Scores(raw, scorer.orient(raw), truncated, cond_loss, bare_loss, end_loss)
