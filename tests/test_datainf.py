@@ -122,3 +122,24 @@ def test_score_with_checkpoints_datainf_averages_checkpoints(loaded, checkpoints
     want = np.mean(loop_scores, axis=0)
     np.testing.assert_allclose(scores.raw, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     np.testing.assert_array_equal(scores.oriented, scores.raw)  # −IF: higher is better
+
+
+def test_anchor_self_scores_leave_each_anchor_out_of_v(loaded, checkpoints):
+    """The anchors scored for τ: ⟨v, g_k⟩ uses the others' mean gradient, the rest is unchanged."""
+    settings = ScoringSettings.for_model(loaded.tokenizer, "datainf", MAX_LENGTH)
+    info = prepare_anchor_info(loaded, ANCHORS, checkpoints[:1], settings)
+    got = score_with_checkpoints(loaded, ANCHORS, checkpoints[:1], info, settings, anchor_self=True)
+    anchors_enc = encode_all(loaded.tokenizer, ANCHORS, MAX_LENGTH)
+    with applied(loaded.model, checkpoints[0].adapter):
+        grads = reference_grads(loaded.model, anchors_enc)  # (n, P), float64
+    n = grads.shape[0]
+    want = np.zeros(n)
+    for sl in block_slices(loaded.model):
+        g = grads[:, sl]
+        v = g.mean(0)
+        sq = (g * g).sum(1)
+        lam = 0.1 * sq.mean() / g.shape[1]
+        s = ((g @ v) / (lam + sq)) @ g  # S_l, from v with every anchor in it
+        a_loo = (g @ v * n - sq) / (n - 1)  # ⟨v_−k, g_k⟩
+        want += ((a_loo - (g @ s) / n) / lam).numpy()
+    np.testing.assert_allclose(got.raw, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -242,19 +242,25 @@ def ref_at_checkpoints(loaded, checkpoints, encoded):
     return out
 
 
-def _manual_scores(loaded, name, checkpoints, grads, anchor_grads):
-    """(1/K) Σ_k η_k ⟨g_k or Γ_k, ḡ_k⟩ (or the cosine) from batch-size-1 autograd gradients."""
+def _manual_scores(loaded, name, checkpoints, grads, anchor_grads, leave_one_out=False):
+    """(1/K) Σ_k η_k ⟨g_k or Γ_k, ḡ_k⟩ (or the cosine) from batch-size-1 autograd gradients.
+
+    ``leave_one_out``: ``grads`` are the anchors themselves; sample i uses the others' mean.
+    """
     blocks = lora_blocks(loaded.model)
     total = 0.0
     for ckpt, g, ga in zip(checkpoints, grads, anchor_grads, strict=True):
         g_bar = ga.mean(0)
+        if leave_one_out:
+            n = ga.shape[0]
+            g_bar = (n * g_bar - ga) / (n - 1)  # row i: the mean gradient of the others
         if name == "clues":
             m = flatten({k: v[0] for k, v in ckpt.moments.items()}, blocks).double()
             v = flatten({k: v[1] for k, v in ckpt.moments.items()}, blocks).double()
             g = (0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g**2 + 1e-8)
-        s = g @ g_bar
+        s = (g * g_bar).sum(1) if leave_one_out else g @ g_bar
         if name == "tracin-cos":
-            s = s / (g.norm(dim=1) * g_bar.norm())
+            s = s / (g.norm(dim=1) * g_bar.norm(dim=-1))
         total = total + ckpt.lr * s.numpy()
     return total / len(checkpoints)
 
@@ -288,7 +294,8 @@ def test_anchor_and_client_scores_match_reference_at_same_checkpoints(
     anchor_scores = score_with_checkpoints(
         loaded, ANCHORS, checkpoints, info, settings, batch_tokens=BATCH_TOKENS, anchor_self=True
     )
-    want = _manual_scores(loaded, name, checkpoints, anchor_grads, anchor_grads)
+    # each anchor against the mean gradient of the others (its own ‖g‖²/n left out)
+    want = _manual_scores(loaded, name, checkpoints, anchor_grads, anchor_grads, True)
     _close(anchor_scores.raw, want)
     # the model's adapter is back to what it was
     for k, v in current_adapter(loaded.model).items():

@@ -136,7 +136,7 @@ def run(
 
 def _print_summary(summary: dict, cfg: Config) -> None:
     th = summary["threshold"]
-    tau = "per-client" if th["tau"] is None else f"{th['tau_raw']:.4f}"
+    tau = "per-client" if th["tau"] is None else f"{th['tau_raw']:.5g}"
     console.print(
         f"\n[bold]scorer[/] {th['scorer']} ({th['direction']})   [bold]rule[/] "
         f"{th['rule']}   [bold]τ[/] {tau}"
@@ -178,7 +178,7 @@ def _print_summary(summary: dict, cfg: Config) -> None:
     for r in summary["rounds"]:
         train = r.get("train_train_loss")
         rounds.add_row(
-            str(r["round"]),
+            f"warm-up {r['round']}" if r.get("phase") == "warmup" else str(r["round"]),
             f"{r.get('eval_loss', math.nan):.4f}",
             f"{r.get('eval_ppl', math.nan):.3f}",
             "–" if train is None else f"{train:.4f}",
@@ -190,24 +190,62 @@ def _print_summary(summary: dict, cfg: Config) -> None:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
+WarmupOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Checkpoint scorers (tracin, clues, ...): a fedqc run directory whose warm-up "
+        "checkpoints to score at (its warmup.json)."
+    ),
+]
+
+
 @app.command()
 def score(
     data: Annotated[Path, typer.Argument(help="Samples (.json / .jsonl).")],
-    scorer: Annotated[str, typer.Option(help="ppl, cond-prob, ifd or ira.")],
+    scorer: Annotated[
+        str, typer.Option(help="ppl, cond-prob, ifd, ira, or with --warmup: tracin, clues, ...")
+    ],
     out: Annotated[Path, typer.Option(help="Output SCORES.jsonl.")],
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+    warmup: WarmupOpt = None,
+    anchors: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint scorers: the anchors (the server's side of the score)."),
+    ] = None,
+    moments: Annotated[
+        Path | None,
+        typer.Option(
+            help="clues: the node's output folder holding its warm-up Adam moments "
+            "(warmup/moments-round-k.npz; simulated runs: RUN_DIR/clients/client-<i>)."
+        ),
+    ] = None,
 ) -> None:
     """Score every sample (what one client does); one line per sample, in input order."""
     from fedqc.data.samples import load_samples
-    from fedqc.scoring.scorers import get_scorer
+    from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
     _setup_logging(False)
-    chosen = get_scorer(_not_ensemble(scorer))
+    chosen = any_scorer(_not_ensemble(scorer))
+    if is_checkpoint_scorer(chosen.name):
+        if warmup is not None and anchors is None:
+            raise FedqcError(
+                f"scorer '{chosen.name}' scores against the anchors: add --anchors ANCHORS.jsonl"
+            )
+        if warmup is not None and chosen.name == "clues" and moments is None:
+            raise FedqcError(
+                "scorer 'clues' needs the client's Adam moments of its warm-up steps: add "
+                "--moments NODE_DIR (the node's output folder; simulated runs: "
+                "RUN_DIR/clients/client-<i>)"
+            )
+        warm = _warmup(chosen.name, warmup, model, max_length)  # a clear error without --warmup
     _refuse_overwrite(out, force)
     samples = load_samples(data)
-    scores = _score(model, max_length, samples, chosen)
+    if is_checkpoint_scorer(chosen.name):
+        scores = _score_at_checkpoints(warm, samples, load_samples(anchors), moments)
+    else:
+        scores = _score(model, max_length, samples, chosen)
     with open(out, "w", encoding="utf-8") as fh:
         for s, value in zip(samples, scores.raw, strict=True):
             fh.write(
@@ -233,8 +271,70 @@ def _score(model: str, max_length: int, samples, scorer):
         )
 
 
+def _warmup(scorer: str, run_dir: Path | None, model: str, max_length: int):
+    """(config, loaded model, checkpoints) for a checkpoint scorer, from a run's warm-up."""
+    from fedqc.federation.warmup import load_warmup
+    from fedqc.models.loading import load
+
+    if run_dir is None:
+        raise FedqcError(
+            f"scorer '{scorer}' scores at a run's warm-up checkpoints: add --warmup RUN_DIR "
+            "(a fedqc run directory made with quality.scorer set to a checkpoint scorer)"
+        )
+    checkpoints = load_warmup(run_dir)
+    saved = run_dir / "config.toml"
+    cfg = load_config(saved if saved.is_file() else None)  # the run's LoRA and training settings
+    cfg = cfg.replace(
+        **{"model.name": model, "model.max-length": max_length, "quality.scorer": scorer}
+    )
+    with console.status(f"loading {model}"):
+        loaded = load(cfg.model)
+    adapter_keys = set(loaded.initial_adapter)
+    if any(set(c.adapter) != adapter_keys for c in checkpoints):
+        raise FedqcError(
+            f"{run_dir}: its warm-up adapters do not fit model '{model}' with the run's LoRA "
+            "settings; pass the run's model with --model"
+        )
+    return cfg, loaded, checkpoints
+
+
+def _score_at_checkpoints(warm, samples, anchors, moments: Path | None):
+    """What a client does with the server's anchor info: score at the warm-up checkpoints."""
+    import dataclasses
+
+    from fedqc.federation.warmup import anchor_side, load_moments, settings_for
+    from fedqc.scoring.checkpointed import score_with_checkpoints
+    from fedqc.scoring.scorers import batch_tokens_for
+
+    cfg, loaded, checkpoints = warm
+    if cfg.quality.scorer == "clues":
+        found = [load_moments(None, moments, k) for k in range(1, len(checkpoints) + 1)]
+        if any(m is None for m in found):
+            raise FedqcError(
+                f"{moments}: holds no warm-up Adam moments (warmup/moments-round-k.npz) for "
+                f"all {len(checkpoints)} warm-up rounds; give the node's output folder"
+            )
+        checkpoints = [
+            dataclasses.replace(c, moments=m) for c, m in zip(checkpoints, found, strict=True)
+        ]
+    with console.status(f"anchor side at {len(checkpoints)} checkpoints ({cfg.quality.scorer})"):
+        info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
+    q = cfg.quality
+    with _progress() as progress:
+        task = progress.add_task(f"scoring ({q.scorer})", total=None)
+        return score_with_checkpoints(
+            loaded,
+            samples,
+            checkpoints,
+            info,
+            settings_for(cfg, loaded),
+            batch_tokens=batch_tokens_for(q.scorer, q.batch_tokens, q.backward_batch_tokens),
+            on_batch=lambda n: progress.advance(task, n),
+        )
+
+
 def _not_ensemble(scorer: str) -> str:
-    if scorer.startswith("ensemble:"):
+    if scorer.startswith(("ensemble:", "ensemble-min:")):
         raise FedqcError(
             f"scorer '{scorer}' is calibrated on the anchors inside a run: use it with "
             "fedqc run --set quality.scorer=...; fedqc score takes the single scorers"
@@ -249,25 +349,43 @@ def _finite(value: float) -> float | None:
 @app.command()
 def threshold(
     anchors: Annotated[Path, typer.Argument(help="Trusted anchor samples.")],
-    scorer: Annotated[str, typer.Option(help="ppl, cond-prob, ifd or ira.")],
+    scorer: Annotated[
+        str, typer.Option(help="ppl, cond-prob, ifd, ira, or with --warmup: tracin, clues, ...")
+    ],
     rule: Annotated[
-        str, typer.Option(help="anchor-mean, anchor-quantile:Q or fixed:V.")
+        str,
+        typer.Option(help="anchor-mean, anchor-quantile:Q, anchor-conformal:A or fixed:V."),
     ] = "anchor-mean",
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
+    warmup: WarmupOpt = None,
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
     from fedqc.data.samples import load_samples
     from fedqc.quality.rules import global_threshold, parse_rule
-    from fedqc.scoring.scorers import get_scorer
+    from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
     _setup_logging(False)
-    chosen, parsed = get_scorer(_not_ensemble(scorer)), parse_rule(rule)
+    chosen, parsed = any_scorer(_not_ensemble(scorer)), parse_rule(rule)
     if not parsed.is_global:
         raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
-    scores = (
-        _score(model, max_length, load_samples(anchors), chosen) if parsed.needs_anchors else None
-    )
+    if parsed.needs_histograms:
+        raise FedqcError(
+            f"rule '{rule}' is fitted to the clients' score histograms inside a run: use it "
+            "with fedqc run --set quality.rule=mixture"
+        )
+    if is_checkpoint_scorer(chosen.name):
+        from fedqc.federation.warmup import anchor_side
+
+        cfg, loaded, checkpoints = _warmup(chosen.name, warmup, model, max_length)
+        with console.status(f"scoring anchors at {len(checkpoints)} checkpoints ({chosen.name})"):
+            _, scores = anchor_side(
+                cfg, loaded, load_samples(anchors), checkpoints, with_scores=True
+            )
+    elif parsed.needs_anchors:
+        scores = _score(model, max_length, load_samples(anchors), chosen)
+    else:
+        scores = None
     tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
     keep = "≥" if chosen.direction > 0 else "≤"
     err_console.print(f"{chosen.name} {parsed}: keep samples with {chosen.name} {keep} τ")
@@ -287,14 +405,14 @@ def filter_(
 
     from fedqc.data.samples import load_records, read_scores
     from fedqc.quality.selection import select
-    from fedqc.scoring.scorers import get_scorer
+    from fedqc.scoring.scorers import any_scorer
 
     _refuse_overwrite(out, force)
     records = load_records(data)
     ids, values, scorer_name = read_scores(scores)
     if ids != [s.id for s, _ in records]:
         raise FedqcError(f"{scores}: its ids do not match {data} line for line; re-run fedqc score")
-    scorer = get_scorer(scorer_name)
+    scorer = any_scorer(scorer_name)
     selection = select(
         scorer.orient(np.array(values, dtype=np.float64)), tau=scorer.direction * threshold
     )

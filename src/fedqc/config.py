@@ -45,8 +45,13 @@ class QualityConfig:
     scorer: str = "ppl"
     rule: str = "anchor-mean"
     batch_tokens: int = 4096  # token budget of one scoring batch
+    # Gradient scorers (tracin, tracin-cos, clues, datainf): the budget of one forward+backward
+    # batch. A backward pass keeps every layer's activations: about 1.6 GiB per 1024 tokens on
+    # SmolLM2-135M, and larger batches are no faster on CPU.
+    backward_batch_tokens: int = 1024
     allow_empty: bool = False  # go on (without training) when τ drops every sample
     dp_epsilon: float = 0.0  # > 0: Laplace(1/ε) noise on every count a client reports
+    warmup_rounds: int = 2  # checkpoint scorers (tracin, clues, ...): federated warm-up rounds
 
 
 @dataclass
@@ -86,6 +91,7 @@ CHOICES = {
 }
 AT_LEAST = {
     "quality.dp-epsilon": 0.0,
+    "quality.warmup-rounds": 1,
     "train.rounds": 0,
     "train.dp-noise-multiplier": 0.0,
     "federation.min-nodes": 1,

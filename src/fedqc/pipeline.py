@@ -34,9 +34,9 @@ def check_inputs(cfg: Config) -> None:
     """Stop with one clear line on a bad scorer, rule, model or data file (writes nothing)."""
     from fedqc.models.loading import load
     from fedqc.quality.rules import global_threshold, parse_rule
-    from fedqc.scoring.scorers import get_scorer
+    from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
 
-    scorer, rule = get_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
+    scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     d = cfg.data
     if d.federation and d.federation not in DEMOS:
         raise FedqcError(
@@ -52,12 +52,21 @@ def check_inputs(cfg: Config) -> None:
         if d.eval:
             load_samples(d.eval)
         num_anchors = len(load_samples(d.anchors)) if d.anchors else 0
+    if is_checkpoint_scorer(scorer.name):
+        # The anchors give the gradient direction (or the prompt) whatever the rule; icl and
+        # nuggets score each anchor against the others.
+        need = 2 if get_checkpoint_scorer(scorer.name).needs in ("prefix", "tasks") else 1
+        if num_anchors < need:
+            raise FedqcError(
+                f"scorer '{scorer.name}' needs an anchor set of at least {need} samples "
+                f"(it has {num_anchors}): set data.anchors=FILE (demo: data.num-anchors)"
+            )
     if rule.needs_anchors:
         if num_anchors == 0:
             raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")
         # The rule decides how many anchors it needs: let it try that many placeholder scores.
         placeholder = np.arange(num_anchors, dtype=np.float64)
-        if getattr(rule, "needs_histograms", False):
+        if rule.needs_histograms:
             from fedqc.quality.mixture import histogram_edges
 
             histogram_edges(placeholder)

@@ -1,8 +1,10 @@
 """The ClientApp: score local data, keep what passes τ, train LoRA on the kept samples.
 
 Everything per-sample (text, token ids, scores, decisions) stays on the node: it is written to the
-node's own output folder and kept in ``context.state``; replies carry counts and adapter arrays.
-A node with no kept samples sits out training (the server does not sample it).
+node's own output folder and kept in ``context.state``; replies carry counts, the mixture rule's
+histogram over fixed bins, and adapter arrays. A node with no kept samples sits out training (the
+server does not sample it). For the checkpoint scorers the node first trains in the warm-up rounds
+on all its samples and keeps its Adam moments (``fedqc.federation.warmup``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedqc.config import Config
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample, load_samples
-from fedqc.federation.privacy import noisy_count, outgoing_guard
+from fedqc.federation.privacy import noisy_count, noisy_histogram, outgoing_guard
+from fedqc.federation.protocol import HISTOGRAM_BINS, HISTOGRAM_KEY, TRAIN_WARMUP
+from fedqc.federation.warmup import client_scores, save_moments, warmup_seed
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
+from fedqc.quality.mixture import histogram
 from fedqc.quality.selection import select
-from fedqc.scoring.scorers import get_scorer, score_samples
-from fedqc.train.local import evaluate, train_steps
+from fedqc.scoring.gradient import moments_from_optimizer
+from fedqc.scoring.scorers import get_scorer, is_checkpoint_scorer, score_samples
+from fedqc.train.local import evaluate, round_lr, train_steps_with_optimizer
 
 log = logging.getLogger(__name__)
-STATE_KEY = "fedqc-selection"
+STATE_KEY = "fedqc-selection"  # the keep decisions (phase 2 trains on them)
+SCORES_KEY = "fedqc-scores"  # this node's scores from query.score (query.select applies τ)
+RELEASED_KEY = "fedqc-released"  # counts already sent, as sent (noisy under DP)
 
 
 def build_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
@@ -47,8 +55,16 @@ def build_client_app(cfg: Config | None = None, mods: list | None = None) -> Cli
     def score(msg: Message, context: Context) -> Message:
         return Message(handle_score(msg, context, config_of(context)), reply_to=msg)
 
+    @app.query("select")
+    def select_(msg: Message, context: Context) -> Message:
+        return Message(handle_select(msg, context, config_of(context)), reply_to=msg)
+
     @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
+        return Message(handle_train(msg, context, config_of(context)), reply_to=msg)
+
+    @app.train("warmup", mods=[dp_clipping_mod])
+    def warmup(msg: Message, context: Context) -> Message:
         return Message(handle_train(msg, context, config_of(context)), reply_to=msg)
 
     @app.evaluate()
@@ -67,17 +83,6 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     if KEY_CLIPPING_NORM in msg.content.get("config", {}):
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
-
-
-def round_lr(lr: float, schedule: str, absolute_round: int, total_rounds: int) -> float:
-    """The learning rate of one round: constant, or cosine from lr down to lr/10 over the run.
-
-    It depends on the absolute round (counted from the start of the run, across resumes).
-    """
-    if schedule == "cosine" and total_rounds > 1:
-        low, progress = lr / 10, (absolute_round - 1) / (total_rounds - 1)
-        return low + 0.5 * (lr - low) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return lr
 
 
 def node_paths(context: Context, cfg: Config) -> tuple[Path, Path, int]:
@@ -106,7 +111,12 @@ def _model(cfg: Config, arrays: ArrayRecord) -> LoadedModel:
 
 
 def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
-    """Phase 1 on a client: score every local sample with the server's settings and model."""
+    """Phase 1 on a client: score every local sample with the server's settings and model.
+
+    With τ (or a drop fraction) in the config it selects at once and replies counts. With bin edges
+    (rule ``mixture``) it keeps its scores in ``context.state`` and replies their histogram over the
+    server's bins; :func:`handle_select` then applies the τ the server fitted.
+    """
     qc = msg.content["config"]
     if str(qc["model"]) != cfg.model.name:
         raise ValueError(f"server scores with model {qc['model']}, this node has {cfg.model.name}")
@@ -114,41 +124,125 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     data_path, out_dir, pid = node_paths(context, cfg)
     samples = load_samples(data_path)
     loaded = _model(cfg, msg.content["arrays"])
-    calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else None
-    scorer = get_scorer(str(qc["scorer"]), calibration)
+    name, batch_tokens = str(qc["scorer"]), int(qc["batch-tokens"])
     start = time.perf_counter()
-    scores = score_samples(loaded, samples, scorer, cfg.model.max_length, int(qc["batch-tokens"]))
-    seconds = time.perf_counter() - start
-    tau, drop = float(qc["tau"]), float(qc["drop-fraction"])
+    if is_checkpoint_scorer(name):
+        scores = client_scores(msg.content, context, loaded, samples, out_dir, batch_tokens)
+    else:
+        calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else None
+        scorer = get_scorer(name, calibration)
+        scores = score_samples(loaded, samples, scorer, cfg.model.max_length, batch_tokens)
+    context.state[SCORES_KEY] = ConfigRecord(
+        {
+            "oriented": np.asarray(scores.oriented, dtype=np.float64).tobytes(),
+            "raw": np.asarray(scores.raw, dtype=np.float64).tobytes(),
+            "truncated": int(scores.truncated),
+            "scorer": name,
+            "data": str(data_path),
+            "out": str(out_dir),
+            "partition-id": pid,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    if "edges" in qc:
+        return _histogram_reply(context, cfg, np.asarray(qc["edges"], dtype=np.float64))
+    return _select(context, cfg, float(qc["tau"]), float(qc["drop-fraction"]), samples)
+
+
+def handle_select(msg: Message, context: Context, cfg: Config) -> RecordDict:
+    """The mixture rule's second message: apply the fitted τ to the scores kept from query.score."""
+    return _select(context, cfg, float(msg.content["config"]["tau"]), math.nan)
+
+
+def _cached_scores(context: Context) -> tuple[ConfigRecord, np.ndarray, np.ndarray]:
+    if SCORES_KEY not in context.state:
+        raise RuntimeError("query.select before query.score: this node has no scores")
+    cache = context.state[SCORES_KEY]
+    oriented = np.frombuffer(cache["oriented"], dtype=np.float64)
+    return cache, oriented, np.frombuffer(cache["raw"], dtype=np.float64)
+
+
+def _extra(cache: ConfigRecord, epsilon: float) -> dict:
+    """Partition id, and the scoring time unless under DP (it tracks data size)."""
+    pid = {"partition-id": int(cache["partition-id"])}
+    return pid if epsilon > 0 else pid | {"score-seconds": float(cache["seconds"])}
+
+
+def _histogram_reply(context: Context, cfg: Config, edges: np.ndarray) -> RecordDict:
+    """Counts of this node's scores per bin (Laplace noise per bin under DP), and its totals."""
+    cache, oriented, _ = _cached_scores(context)
+    if len(edges) != HISTOGRAM_BINS + 1:
+        raise ValueError(f"the server sent {len(edges)} bin edges, not {HISTOGRAM_BINS + 1}")
+    epsilon = cfg.quality.dp_epsilon
+    counts = histogram(oriented, edges)
+    if epsilon > 0:
+        hist = noisy_histogram(counts, epsilon, np.random.default_rng())
+    else:
+        hist = [int(c) for c in counts]
+    released = _release(
+        context,
+        epsilon,
+        {
+            "total": len(oriented),
+            "rejected-non-finite": int((~np.isfinite(oriented)).sum()),
+            "truncated": int(cache["truncated"]),
+        },
+    )
+    stats = {HISTOGRAM_KEY: hist, **released, **_extra(cache, epsilon)}
+    return RecordDict({"stats": MetricRecord(stats)})
+
+
+def _select(
+    context: Context, cfg: Config, tau: float, drop: float, samples: list[Sample] | None = None
+) -> RecordDict:
+    """Keep the cached scores that pass τ (or all but the lowest ``drop`` fraction); counts."""
+    cache, oriented, raw = _cached_scores(context)
+    samples = samples if samples is not None else load_samples(str(cache["data"]))
     selection = select(
-        scores.oriented,
+        oriented,
         tau=None if math.isnan(tau) else tau,
         drop_fraction=drop if math.isnan(tau) else None,
     )
-    _write_local(out_dir, samples, scores.raw, selection.keep, str(qc["scorer"]), tau)
-    counts = {
-        "total": len(samples),
-        "kept": selection.kept,
-        "rejected-below-threshold": selection.rejected_below_threshold,
-        "rejected-non-finite": selection.rejected_non_finite,
-        "truncated": scores.truncated,
-    }
+    out_dir = Path(str(cache["out"]))
+    _write_local(out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau)
     epsilon = cfg.quality.dp_epsilon
-    if epsilon > 0:  # every count with its own Laplace(1/ε) noise, from the OS's entropy
-        rng = np.random.default_rng()
-        counts = {k: noisy_count(v, epsilon, rng) for k, v in counts.items()}
+    counts = _release(
+        context,
+        epsilon,
+        {
+            "total": len(samples),
+            "kept": selection.kept,
+            "rejected-below-threshold": selection.rejected_below_threshold,
+            "rejected-non-finite": selection.rejected_non_finite,
+            "truncated": int(cache["truncated"]),
+        },
+    )
     # Training reports the same (possibly noisy) kept count: repeating a released value is free.
     context.state[STATE_KEY] = ConfigRecord(
         {
             "keep": np.packbits(selection.keep).tobytes(),
             "n": len(samples),
-            "data": str(data_path),
+            "data": str(cache["data"]),
             "out": str(out_dir),
             "reported-kept": counts["kept"],
         }
     )
-    extra = {"partition-id": pid} | ({} if epsilon > 0 else {"score-seconds": seconds})
-    return RecordDict({"stats": MetricRecord(counts | extra)})
+    return RecordDict({"stats": MetricRecord(counts | _extra(cache, epsilon))})
+
+
+def _release(context: Context, epsilon: float, counts: dict[str, int]) -> dict[str, int]:
+    """The counts as the server gets them: with ε > 0 each with its own Laplace(1/ε) noise, from
+    the OS's entropy, drawn once per run; a count sent again (the total in the warm-up and the
+    query rounds, the mixture rule's two replies) repeats the released value, which is free."""
+    if epsilon <= 0:
+        return {k: int(v) for k, v in counts.items()}
+    released = context.state[RELEASED_KEY] if RELEASED_KEY in context.state else ConfigRecord()
+    rng = np.random.default_rng()
+    for key, value in counts.items():
+        if key not in released:
+            released[key] = noisy_count(int(value), epsilon, rng)
+    context.state[RELEASED_KEY] = released
+    return {k: int(released[k]) for k in counts}
 
 
 def _kept_samples(context: Context) -> list[Sample]:
@@ -167,14 +261,27 @@ def _reported_kept(context: Context) -> int:
 def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
     """Phase 2 on a client: local LoRA steps on the kept samples; reply adapter + counts.
 
+    A warm-up round (``train.warmup``, checkpoint scorers) trains on all local samples instead,
+    weights by the total, and keeps this node's Adam moments of the round (for ``clues``).
     Batches and LoRA dropout are seeded, and the learning rate set, by the absolute round, so a
     resumed run continues exactly where it stopped.
     """
     tc = msg.content["config"]
-    kept = _kept_samples(context)
+    warmup = msg.metadata.message_type == TRAIN_WARMUP
     absolute_round = int(tc["server-round"]) + int(tc.get("round-offset", 0))
-    journal = Path(str(context.state[STATE_KEY]["out"])) / "train.jsonl"
-    _journal(journal, {"round": absolute_round, "event": "start", "kept": len(kept)})
+    pid = int(context.node_config.get("partition-id", 0))
+    seed = int(tc["seed"]) * 1_000_003 + absolute_round * 1_009 + pid
+    if warmup:
+        data_path, out_dir, _ = node_paths(context, cfg)
+        samples = load_samples(data_path)
+        weight = _release(context, cfg.quality.dp_epsilon, {"total": len(samples)})["total"]
+        seed = warmup_seed(int(tc["seed"]), absolute_round, pid)
+    else:
+        samples = _kept_samples(context)
+        out_dir, weight = Path(str(context.state[STATE_KEY]["out"])), _reported_kept(context)
+    journal = out_dir / "train.jsonl"
+    phase = {"phase": "warmup"} if warmup else {}
+    _journal(journal, {"round": absolute_round, **phase, "event": "start", "kept": len(samples)})
     loaded = _model(cfg, msg.content["arrays"])
     loss, start = 0.0, time.perf_counter()
     lr = round_lr(
@@ -183,13 +290,11 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
         absolute_round,
         int(tc.get("total-rounds", 1)),
     )
-    if kept:
+    if samples:
         tok = loaded.tokenizer
-        pid = int(context.node_config.get("partition-id", 0))
-        seed = int(tc["seed"]) * 1_000_003 + absolute_round * 1_009 + pid
-        loss = train_steps(
+        loss, optimizer = train_steps_with_optimizer(
             loaded.model,
-            encode_all(tok, kept, int(tc["max-length"])),
+            encode_all(tok, samples, int(tc["max-length"])),
             tok.pad_token_id,
             int(tc["local-steps"]),
             int(tc["batch-size"]),
@@ -197,9 +302,14 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
             float(tc["weight-decay"]),
             seed,
         )
+        if warmup:
+            save_moments(
+                context, out_dir, absolute_round, moments_from_optimizer(loaded.model, optimizer)
+            )
     seconds = time.perf_counter() - start
-    _journal(journal, {"round": absolute_round, "event": "done", "lr": lr, "train-loss": loss})
-    metrics = {"num-examples": _reported_kept(context), "train-loss": loss}
+    done = {"round": absolute_round, **phase, "event": "done", "lr": lr, "train-loss": loss}
+    _journal(journal, done)
+    metrics = {"num-examples": weight, "train-loss": loss}
     if cfg.quality.dp_epsilon <= 0:
         metrics["train-seconds"] = seconds
     arrays = ArrayRecord(get_adapter_state(loaded.model))

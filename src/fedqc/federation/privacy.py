@@ -1,14 +1,17 @@
 """A client-side guard: every reply is checked against the protocol before it leaves the node.
 
 A reply may hold only the records the protocol names: ``stats`` and ``metrics`` as MetricRecords of
-scalar numbers under known keys, and ``arrays`` as the LoRA adapter. Strings, lists, unknown keys
-or unknown records (where text, token ids or per-sample scores could hide) stop the reply.
+scalar numbers under known keys, and ``arrays`` as the LoRA adapter. The one list allowed is
+``stats.histogram`` (the ``mixture`` rule): exactly ``HISTOGRAM_BINS`` non-negative integers.
+Strings, other lists, unknown keys or unknown records (where text, token ids or per-sample scores
+could hide) stop the reply.
 
 A failure on the node (an exception in the ClientApp, or a reply the guard stops) leaves it as an
 error reply with a generic reason: Flower would otherwise send the exception's text, which can
 quote data. The details go to the node's own log.
 
-Optional differential privacy for counts: :func:`noisy_count` adds Laplace(1/ε) noise.
+Optional differential privacy for counts: :func:`noisy_count` adds Laplace(1/ε) noise,
+:func:`noisy_histogram` the same per bin.
 """
 
 from __future__ import annotations
@@ -22,11 +25,21 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 
-from fedqc.federation.protocol import EVALUATE_METRICS, REPLY_COUNTS, TRAIN_METRICS
+from fedqc.federation.protocol import (
+    EVALUATE_METRICS,
+    HISTOGRAM_BINS,
+    HISTOGRAM_KEY,
+    HISTOGRAM_REPLY,
+    REPLY_COUNTS,
+    TRAIN_METRICS,
+)
 
 log = logging.getLogger(__name__)
 
-ALLOWED_METRICS = {"stats": set(REPLY_COUNTS), "metrics": set(TRAIN_METRICS + EVALUATE_METRICS)}
+ALLOWED_METRICS = {
+    "stats": set(REPLY_COUNTS) | set(HISTOGRAM_REPLY),
+    "metrics": set(TRAIN_METRICS + EVALUATE_METRICS),
+}
 
 
 class PrivacyViolation(RuntimeError):
@@ -48,10 +61,20 @@ def check_reply(content, adapter_keys: set[str] | None = None) -> None:
             for key, value in record.items():
                 if key not in ALLOWED_METRICS[name]:
                     raise PrivacyViolation(f"'{name}' holds an unknown key '{key}'")
-                if isinstance(value, list) or not isinstance(value, int | float):
+                if name == "stats" and key == HISTOGRAM_KEY:
+                    check_histogram(value)
+                elif isinstance(value, list | bool) or not isinstance(value, int | float):
                     raise PrivacyViolation(f"'{name}.{key}' must be one number")
         else:
             raise PrivacyViolation(f"reply holds an unknown record '{name}'")
+
+
+def check_histogram(value) -> None:
+    """A histogram over the server's bins: HISTOGRAM_BINS non-negative integers, nothing else."""
+    if not isinstance(value, list) or len(value) != HISTOGRAM_BINS:
+        raise PrivacyViolation(f"'stats.{HISTOGRAM_KEY}' must be a list of {HISTOGRAM_BINS} counts")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise PrivacyViolation(f"'stats.{HISTOGRAM_KEY}' must hold non-negative integers only")
 
 
 def outgoing_guard(msg: Message, context: Context, call_next: Callable) -> Message:
@@ -89,6 +112,14 @@ def noisy_count(value: int, epsilon: float, rng: np.random.Generator) -> int:
     if epsilon <= 0:
         return int(value)
     return max(0, int(round(value + rng.laplace(0.0, 1.0 / epsilon))))
+
+
+def noisy_histogram(counts, epsilon: float, rng: np.random.Generator) -> list[int]:
+    """Laplace(1/ε) noise on every bin, rounded and clipped at 0.
+
+    One sample adds 1 to exactly one bin (L1 sensitivity 1), so the whole histogram is ε-DP.
+    """
+    return [noisy_count(int(c), epsilon, rng) for c in counts]
 
 
 class AuditLog:

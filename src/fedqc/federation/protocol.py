@@ -1,30 +1,78 @@
 """What crosses the wire, in one place: message names and the keys each message may carry.
 
 Server → client: the quality settings (scorer, τ, rule, lengths), the training settings and the
-global adapter.
-Client → server: counts (``REPLY_COUNTS``), adapter arrays and aggregate metrics; never text,
-token ids or per-sample scores. A failed client sends only an error code and a generic reason.
+global adapter; for the checkpoint scorers also the warm-up checkpoints and the anchor info
+(``CHECKPOINT_RECORD``, ``ANCHOR_INFO_RECORD``); for the ``mixture`` rule the bin edges.
+Client → server: counts (``REPLY_COUNTS``), one histogram of scores over the server's fixed bins
+(``HISTOGRAM_KEY``, ``mixture`` only), adapter arrays and aggregate metrics; never text, token ids
+or per-sample scores. A failed client sends only an error code and a generic reason.
 The privacy guard and the privacy test check every client message against these lists.
 """
 
 from __future__ import annotations
 
+from fedqc.quality.mixture import NUM_BINS
+
+# Phase 1: every client scores its samples. With a τ in the config it selects at once and replies
+# counts; with bin edges (rule ``mixture``) it keeps its scores in context.state and replies a
+# histogram, and the server's second message, QUERY_SELECT, carries the fitted τ.
 QUERY_SCORE = "query.score"
+QUERY_SELECT = "query.select"
+# Before phase 1, for the checkpoint scorers: FedAvg rounds of LoRA on the unfiltered data,
+# answered by the same handler as ``train`` (same TRAIN_CONFIG, same reply keys).
+TRAIN_WARMUP = "train.warmup"
+
+# Records of a query.score message besides "config" and "arrays" (the initial adapter), for the
+# checkpoint scorers: "checkpoint-<k>" (k = 1..K) holds the global adapter θ_k after warm-up round
+# k; "anchor-info" holds AnchorInfo.to_arrays(): the K mean anchor gradients ("dir.<k>.<name>",
+# tracin, tracin-cos, clues, datainf) or the anchors' token ids ("demo.<j>", icl and nuggets).
+CHECKPOINT_RECORD = "checkpoint-{k}"
+ANCHOR_INFO_RECORD = "anchor-info"
+# Keys of the query.score ConfigRecord. "fingerprint" and "checkpoint-lrs" (η_1..η_K) come with
+# the checkpoint scorers, "edges" (NUM_BINS + 1 floats, oriented scale) with the mixture rule,
+# "calibration" with an ensemble. query.select carries "tau" only.
+QUERY_CONFIG = (
+    "scorer",
+    "rule",
+    "model",
+    "tau",
+    "drop-fraction",
+    "max-length",
+    "batch-tokens",
+    "calibration",
+    "fingerprint",
+    "checkpoint-lrs",
+    "edges",
+)
 
 # Counts over one client's samples: with quality.dp-epsilon > 0 each gets Laplace(1/ε) noise.
 COUNTS = ("total", "kept", "rejected-below-threshold", "rejected-non-finite", "truncated")
 # Keys of the MetricRecord a client returns from the quality query round: the counts, the
 # partition id its operator gave it, and the scoring time (left out under DP: it tracks data size).
 REPLY_COUNTS = (*COUNTS, "partition-id", "score-seconds")
+# The mixture rule's histogram reply (query.score with edges): the histogram (HISTOGRAM_BINS
+# non-negative integers; Laplace(1/ε) noise per bin under DP) and the counts that do not depend on
+# τ. Its query.select reply then holds REPLY_COUNTS.
+HISTOGRAM_KEY = "histogram"
+HISTOGRAM_BINS = NUM_BINS
+HISTOGRAM_REPLY = (
+    HISTOGRAM_KEY,
+    "total",
+    "rejected-non-finite",
+    "truncated",
+    "partition-id",
+    "score-seconds",
+)
 # Keys of the MetricRecord a client returns from a train or evaluate round. ``num-examples`` is
 # the kept count reported in the query round (noisy under DP), ``train-seconds`` is left out
-# under DP.
+# under DP. In a warm-up round ``num-examples`` is the client's total (noisy under DP).
 TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds")
 EVALUATE_METRICS = ("num-examples", "eval-loss")
 
 # Keys of the training ConfigRecord (server → client), besides Flower's own ``server-round``.
 # ``round-offset`` is the number of rounds finished before this (resumed) strategy run: a client's
 # absolute round, which seeds its batches and sets its learning rate, is server-round + offset.
+# In warm-up rounds ``total-rounds`` is quality.warmup-rounds.
 TRAIN_CONFIG = (
     "local-steps",
     "batch-size",

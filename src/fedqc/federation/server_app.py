@@ -1,4 +1,9 @@
-"""The ServerApp: τ from the anchors, one query round for selection, then FedAvg on kept data.
+"""The ServerApp: τ from the anchors, a query round for selection, then FedAvg on kept data.
+
+Checkpoint scorers (tracin, tracin-cos, clues, datainf, icl, nuggets) first run
+``quality.warmup-rounds`` federated warm-up rounds on the unfiltered data
+(:mod:`fedqc.federation.warmup`); the rule ``mixture`` adds a second query message
+(:mod:`fedqc.federation.query`). Phase 2 always starts from the initial adapter.
 
 Fault tolerance: nodes that fail or vanish drop out of a round and the run goes on while at least
 ``federation.min-nodes`` answer; who dropped when goes to ``metrics.json`` and
@@ -17,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedqc.config import Config
@@ -30,17 +35,40 @@ from fedqc.federation.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedqc.federation.protocol import QUERY_SCORE
+from fedqc.federation.query import query_round
 from fedqc.federation.strategy import ParticipationGrid, build_strategy
+from fedqc.federation.warmup import (
+    WARMUP_DIR,
+    WARMUP_FILE,
+    anchor_side,
+    load_warmup,
+    query_payload,
+    run_warmup,
+)
 from fedqc.models.loading import load, set_adapter_state
+from fedqc.quality.mixture import histogram_edges
 from fedqc.quality.rules import global_threshold, parse_rule
 from fedqc.scoring.ensemble import calibrate, is_ensemble
-from fedqc.scoring.scorers import Scorer, get_scorer, score_samples
+from fedqc.scoring.scorers import (
+    any_scorer,
+    batch_tokens_for,
+    get_scorer,
+    is_checkpoint_scorer,
+    score_samples,
+)
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
 # What a run writes into its run directory (a new run refuses to write over them).
-OUTPUTS = ("threshold.json", "selection.json", "metrics.json", "adapter", CHECKPOINT_DIR)
+OUTPUTS = (
+    "threshold.json",
+    "selection.json",
+    "metrics.json",
+    "adapter",
+    CHECKPOINT_DIR,
+    WARMUP_FILE,
+    WARMUP_DIR,
+)
 
 
 class Stages(Protocol):
@@ -83,49 +111,59 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         grid, cfg.data.num_clients, cfg.federation.min_nodes, cfg.federation.join_timeout
     )
     loaded = load(cfg.model)
-    scorer, rule = get_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
+    scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
+    eval_set = _eval_set(cfg, loaded)
+    history: list[dict] = list(resumed[0]["history"]) if resumed else []
+
+    # Phase 0, checkpoint scorers: federated warm-up rounds on the unfiltered data give θ_k, η_k.
+    checkpoints = None
+    if is_checkpoint_scorer(scorer.name) and resumed is not None:
+        checkpoints = load_warmup(run_dir)
+    elif is_checkpoint_scorer(scorer.name):
+        w = cfg.quality.warmup_rounds
+        stages.stage(f"warm-up: {w} federated LoRA rounds on the unfiltered data", w)
+        checkpoints, rows = run_warmup(cfg, grid, loaded, run_dir, nodes, eval_set, stages.advance)
+        history.extend(rows)
 
     # Phase 1, server: score the anchors and set τ (a resumed run reuses the saved τ).
+    anchor_oriented, extra, records = None, {}, {}
     if resumed is not None and not is_ensemble(scorer.name):
         tau = resumed[0]["tau"]
         log.info("resuming after round %d with the saved τ", resumed[0]["round"])
+        if checkpoints is not None:
+            anchors = _anchors(cfg, f"scorer '{scorer.name}'")
+            info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
+            extra, records = query_payload(checkpoints, info)
     else:
-        scorer, tau = _threshold(cfg, loaded, scorer, rule, run_dir, stages)
-
-    # Phase 1, clients: one query round carries τ, the scorer settings and the initial adapter.
-    qc = ConfigRecord(
-        {
-            "scorer": scorer.name,
-            "rule": str(rule),
-            "model": cfg.model.name,
-            "tau": math.nan if tau is None else tau,
-            "drop-fraction": rule.value if rule.kind == "drop-fraction" else math.nan,
-            "max-length": cfg.model.max_length,
-            "batch-tokens": cfg.quality.batch_tokens,
-            **({"calibration": scorer.calibration} if is_ensemble(scorer.name) else {}),
-        }
-    )
-    initial = ArrayRecord(loaded.initial_adapter)
-    msgs = [
-        Message(
-            RecordDict({"config": qc, "arrays": initial}), dst_node_id=n, message_type=QUERY_SCORE
+        scorer, tau, anchor_oriented, extra, records = _threshold(
+            cfg, loaded, scorer, rule, run_dir, stages, checkpoints
         )
-        for n in nodes
-    ]
+
+    # Phase 1, clients: the query round carries τ (or the mixture's bin edges), the scorer
+    # settings and the initial adapter (checkpoint scorers: also the checkpoints, anchor info).
+    q = cfg.quality
+    qc = {
+        "scorer": scorer.name,
+        "rule": str(rule),
+        "model": cfg.model.name,
+        "tau": math.nan if tau is None else tau,
+        "drop-fraction": rule.value if rule.kind == "drop-fraction" else math.nan,
+        "max-length": cfg.model.max_length,
+        "batch-tokens": batch_tokens_for(q.scorer, q.batch_tokens, q.backward_batch_tokens),
+        **({"calibration": scorer.calibration} if is_ensemble(scorer.name) else {}),
+        **extra,
+    }
+    initial = ArrayRecord(loaded.initial_adapter)
     stages.stage(f"phase 1: {len(nodes)} clients score and select locally")
-    grid.min_answers = {QUERY_SCORE: cfg.federation.min_nodes}
-    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.timeout))
+    tau, replies, dropped = query_round(
+        grid, nodes, cfg, qc, {"arrays": initial, **records}, scorer, anchor_oriented, run_dir
+    )
     selection = sorted(
-        (
-            {"node": r.metadata.src_node_id, **dict(r.content["stats"])}
-            for r in replies
-            if not r.has_error()
-        ),
+        ({"node": r.metadata.src_node_id, **dict(r.content["stats"])} for r in replies),
         key=lambda s: (s.get("partition-id", -1), s["node"]),
     )
     for s in selection:
         s["sat-out"] = int(s["kept"]) == 0
-    dropped = grid.exchanges[-1]["dropped"]
     _write_json(
         run_dir / "selection.json",
         {"tau": tau, "rule": str(rule), "clients": selection, "dropped": dropped},
@@ -145,7 +183,7 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         )
 
     # Phase 2: FedAvg on the kept samples, weighted by the kept counts.
-    _train(cfg, grid, loaded, run_dir, stages, tau, selection, initial, resumed)
+    _train(cfg, grid, loaded, run_dir, stages, tau, selection, initial, resumed, eval_set, history)
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -162,7 +200,7 @@ def _run_dir(cfg: Config) -> Path:
                 "it (fedqc run --resume, output.resume=true), or overwrite it (--force, "
                 "output.force=true)"
             )
-        for name in (CHECKPOINT_DIR, "rounds", "adapter"):  # stale rounds must not be resumed
+        for name in (CHECKPOINT_DIR, "rounds", "adapter", WARMUP_DIR):  # no stale rounds
             shutil.rmtree(run_dir / name, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -181,19 +219,44 @@ def _resume_state(run_dir: Path, cfg: Config) -> tuple[dict, ArrayRecord] | None
     return state, arrays
 
 
+def _eval_set(cfg: Config, loaded) -> list:
+    if not cfg.data.eval:
+        return []
+    eval_set = encode_all(loaded.tokenizer, load_samples(cfg.data.eval), cfg.model.max_length)
+    if n := sum(e.truncated for e in eval_set):
+        log.warning("%d evaluation samples are longer than model.max-length: truncated", n)
+    return eval_set
+
+
+def _anchors(cfg: Config, who: str) -> list:
+    if not cfg.data.anchors:
+        raise FedqcError(f"{who} needs an anchor set: set data.anchors=FILE")
+    return load_samples(cfg.data.anchors)
+
+
 def _threshold(
-    cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages
-) -> tuple[Scorer, float | None]:
-    """(the scorer, calibrated on the anchors if it is an ensemble; τ on the oriented scale)."""
-    if getattr(rule, "needs_histograms", False):
-        raise FedqcError(
-            f"rule '{rule}' needs client histograms, which the federation does not send"
+    cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages, checkpoints
+) -> tuple:
+    """(the scorer, calibrated on the anchors if it is an ensemble; τ on the oriented scale, None
+    for drop-fraction and for mixture (fitted after the histograms); the anchors' oriented scores;
+    extra query config; extra query records).
+
+    Checkpoint scorers: the anchor info is always needed (the anchors' mean gradients or tokens);
+    the anchors are scored at the same checkpoints when the rule needs their scores.
+    """
+    anchor_scores, extra, records = None, {}, {}
+    if checkpoints is not None:
+        anchors = _anchors(cfg, f"scorer '{scorer.name}'")
+        stages.stage(
+            f"phase 1: {len(anchors)} anchors at {len(checkpoints)} warm-up checkpoints "
+            f"({scorer.name})"
         )
-    anchor_scores = None
-    if rule.needs_anchors:
-        if not cfg.data.anchors:
-            raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")
-        anchors = load_samples(cfg.data.anchors)
+        info, anchor_scores = anchor_side(
+            cfg, loaded, anchors, checkpoints, with_scores=rule.needs_anchors
+        )
+        extra, records = query_payload(checkpoints, info)
+    elif rule.needs_anchors:
+        anchors = _anchors(cfg, f"rule '{rule}'")
         stages.stage(
             f"phase 1: scoring {len(anchors)} anchors ({scorer.name})",
             len(anchors) * (2 if scorer.needs_bare else 1),
@@ -207,18 +270,23 @@ def _threshold(
             on_batch=stages.advance,
         )
         if is_ensemble(scorer.name):
-            cal = calibrate(scorer.name, anchor_scores.cond_loss, anchor_scores.bare_loss)
+            a = anchor_scores
+            cal = calibrate(scorer.name, a.cond_loss, a.bare_loss, a.end_loss)
             scorer = get_scorer(scorer.name, cal)
-            raw = scorer.formula(anchor_scores.cond_loss, anchor_scores.bare_loss)
+            raw = scorer.formula(a.cond_loss, a.bare_loss, a.end_loss)
             anchor_scores.raw, anchor_scores.oriented = raw, scorer.orient(raw)
-        if anchor_scores.truncated:
-            log.warning(
-                "%d of %d anchors are longer than model.max-length = %d: scored truncated",
-                anchor_scores.truncated,
-                len(anchors),
-                cfg.model.max_length,
-            )
-    tau = global_threshold(rule, scorer, None if anchor_scores is None else anchor_scores.oriented)
+    if anchor_scores is not None and anchor_scores.truncated:
+        log.warning(
+            "%d of %d anchors are longer than model.max-length = %d: scored truncated",
+            anchor_scores.truncated,
+            len(anchor_scores.raw),
+            cfg.model.max_length,
+        )
+    oriented = None if anchor_scores is None else anchor_scores.oriented
+    if rule.needs_histograms:
+        tau, extra["edges"] = None, histogram_edges(oriented).tolist()
+    else:
+        tau = global_threshold(rule, scorer, oriented)
     _write_json(
         run_dir / "threshold.json",
         {
@@ -231,12 +299,22 @@ def _threshold(
             if anchor_scores is None
             else [None if not math.isfinite(x) else x for x in anchor_scores.raw.tolist()],
             "anchors_truncated": None if anchor_scores is None else anchor_scores.truncated,
-            "calibration": scorer.calibration,
+            "calibration": getattr(scorer, "calibration", None),
+            **({"edges": extra["edges"]} if "edges" in extra else {}),
+            **(
+                {
+                    "fingerprint": extra["fingerprint"],
+                    "warmup_rounds": len(checkpoints),
+                    "checkpoint_lrs": extra["checkpoint-lrs"],
+                }
+                if checkpoints is not None
+                else {}
+            ),
         },
     )
     if tau is not None:
-        log.info("phase 1: τ = %.4f (%s, raw %s = %.4f)", tau, rule, scorer.name, scorer.raw(tau))
-    return scorer, tau
+        log.info("phase 1: τ = %.5g (%s, raw %s = %.5g)", tau, rule, scorer.name, scorer.raw(tau))
+    return scorer, tau, oriented, extra, records
 
 
 def _check_same_selection(saved: list[dict], now: list[dict]) -> None:
@@ -262,14 +340,10 @@ def _train(
     selection: list[dict],
     initial: ArrayRecord,
     resumed: tuple[dict, ArrayRecord] | None,
+    eval_set: list,
+    history: list[dict],
 ) -> None:
-    eval_set = []
-    if cfg.data.eval:
-        eval_set = encode_all(loaded.tokenizer, load_samples(cfg.data.eval), cfg.model.max_length)
-        if n := sum(e.truncated for e in eval_set):
-            log.warning("%d evaluation samples are longer than model.max-length: truncated", n)
     offset = resumed[0]["round"] if resumed else 0
-    history: list[dict] = list(resumed[0]["history"]) if resumed else []
     if resumed:
         grid.exchanges[:0] = resumed[0]["participation"]
     start = resumed[1] if resumed else initial

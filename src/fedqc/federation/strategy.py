@@ -117,6 +117,7 @@ class QualityFedAvg(FedAvg):
         fraction_evaluate: float = 0.0,
         equal_weights: bool = False,
         seed: int = 0,
+        message_type: str = MessageType.TRAIN,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -127,6 +128,7 @@ class QualityFedAvg(FedAvg):
         )
         self.clients, self.recorder = dict(clients), grid
         self.round_offset, self.equal_weights, self.seed = round_offset, equal_weights, seed
+        self.message_type = message_type  # "train", or "train.warmup" for the warm-up rounds
         self.train_metrics: dict[int, dict] = {}
 
     def _connected(self, grid: Grid) -> list[int]:
@@ -148,7 +150,7 @@ class QualityFedAvg(FedAvg):
             )
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        return self._construct_messages(record, nodes, self.message_type)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -179,17 +181,27 @@ class QualityFedAvg(FedAvg):
 
 
 def build_strategy(
-    cfg: Config, clients: dict[int, int], grid: ParticipationGrid, round_offset: int
+    cfg: Config,
+    clients: dict[int, int],
+    grid: ParticipationGrid,
+    round_offset: int,
+    message_type: str = MessageType.TRAIN,
 ) -> Strategy:
-    """QualityFedAvg, wrapped in Flower's fixed-clipping DP-FedAvg when train.dp-mode asks."""
+    """QualityFedAvg, wrapped in Flower's fixed-clipping DP-FedAvg when train.dp-mode asks.
+
+    The warm-up rounds (``message_type`` "train.warmup") use it too, without client evaluation.
+    """
     t = cfg.train
     base = QualityFedAvg(
         clients,
         grid,
         round_offset=round_offset,
-        fraction_evaluate=cfg.federation.fraction_evaluate,
+        fraction_evaluate=cfg.federation.fraction_evaluate
+        if message_type == MessageType.TRAIN
+        else 0.0,
         equal_weights=t.dp_mode != "off",
         seed=t.seed,
+        message_type=message_type,
     )
     if t.dp_mode == "off":
         return base

@@ -19,12 +19,16 @@ NUM_BINS = 64
 
 def histogram_edges(anchor_oriented: np.ndarray, num_bins: int = NUM_BINS) -> np.ndarray:
     """Fixed bin edges from the anchors: wide below them (where corrupted samples fall), narrow
-    above; values outside the edges are counted in the first or last bin."""
+    above; values outside the edges are counted in the first or last bin.
+
+    The spread's floor is relative to the anchors' own magnitude, so scores of any scale (a
+    perplexity of 5, a TracIn score of 1e-5) get bins of their own size.
+    """
     a = np.asarray(anchor_oriented, dtype=np.float64)
     a = a[np.isfinite(a)]
     if a.size < 2:
         raise FedqcError("the mixture rule needs at least 2 anchors with finite scores")
-    spread = max(float(np.std(a)), 1e-3 * max(1.0, float(np.abs(a).max())))
+    spread = max(float(np.std(a)), 1e-3 * float(np.abs(a).max())) or 1e-3
     return np.linspace(a.min() - 10 * spread, a.max() + 3 * spread, num_bins + 1)
 
 

@@ -12,8 +12,12 @@ The protocol, with no Flower in it (the federation calls these functions):
 3. Client: ``score_with_checkpoints(loaded, samples, checkpoints, info, settings)``: it recomputes
    the fingerprint from its own checkpoints and settings and refuses to score on any mismatch, so
    the anchors and every client are scored at identical checkpoints and settings, in code.
-4. Server, for the threshold: the same call on the anchors with ``anchor_self=True`` (icl and
-   nuggets then leave each anchor out of its own prefix or task set).
+4. Server, for the threshold: the same call on the anchors with ``anchor_self=True``: each anchor
+   is scored without itself, as a client's sample is. icl and nuggets leave it out of its own
+   prefix or task set; tracin, tracin-cos and clues score it against the mean gradient of the
+   *other* anchors, ḡ_k,−i = (n ḡ_k − g_k,i)/(n − 1); datainf does the same in its ⟨v, g⟩ term.
+   With itself in ḡ, an anchor's score would carry its own ‖g‖²/n, most of its score on real
+   models, and τ would sit above nearly every client sample.
 
 Every model pass goes through the same engines (``gradient``, ``datainf``, ``icl``) on both sides;
 the model is in eval mode and its adapter is restored afterwards.
@@ -27,13 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedqc.data.encoding import Encoded, encode_all
+from fedqc.data.encoding import Encoded, encode_all, token_budget_batches
 from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
 from fedqc.models.loading import LoadedModel
 from fedqc.scoring.datainf import DataInfStats, datainf_scores, datainf_statistics
 from fedqc.scoring.gradient import (
     Checkpoint,
+    LoraHooks,
     ScoringSettings,
     applied,
     check_fingerprint,
@@ -134,7 +139,8 @@ def score_with_checkpoints(
 ) -> Scores:
     """Score ``samples`` at the checkpoints, after checking the fingerprint (both sides call it).
 
-    ``anchor_self``: the samples are the anchors, in ``info``'s order (server-side threshold).
+    ``anchor_self``: the samples are the anchors, in ``info``'s order (server-side threshold);
+    each is scored leaving itself out (module docstring, step 4; needs at least 2 anchors).
     ``datainf_stats``: per checkpoint, the training-set statistics (λ_l, S_l) to score against;
     by default they come from ``samples`` themselves (the client's own data, as in DataInf).
     Gradient scores average over the K checkpoints, weighted by η_k (datainf: plain mean);
@@ -180,6 +186,8 @@ def score_with_checkpoints(
                 )
         return _scores(scorer, raw, truncated, cond_loss)
 
+    if anchor_self and len(enc) < 2:
+        raise FedqcError("scoring the anchors, each against the others, needs at least 2 anchors")
     if len(info.directions) != len(checkpoints):
         raise FedqcError(
             f"anchor info has {len(info.directions)} directions for {len(checkpoints)} checkpoints"
@@ -199,6 +207,7 @@ def score_with_checkpoints(
                 None if datainf_stats is None else datainf_stats[k],
                 batch_tokens,
                 on_batch,
+                anchor_self,
             )
             total += term
     return _scores(scorer, total / len(checkpoints), truncated, cond_loss)
@@ -225,8 +234,13 @@ def _one_checkpoint(
     stats: DataInfStats | None,
     batch_tokens: int,
     on_batch: Callable[[int], None] | None,
+    anchor_self: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One checkpoint's term of the average and ℓ(r|q) (NaN for datainf); adapter loaded."""
+    """One checkpoint's term of the average and ℓ(r|q) (NaN for datainf); adapter loaded.
+
+    ``anchor_self``: ``enc`` are the anchors ``g_bar`` is the mean gradient of; each is scored
+    against the mean of the others.
+    """
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     if name == "datainf":
         if stats is None:
@@ -240,25 +254,55 @@ def _one_checkpoint(
                 on_batch=on_batch,
             )
         term = datainf_scores(
-            model, enc, pad, g_bar, stats, batch_tokens=batch_tokens, on_batch=on_batch
+            model,
+            enc,
+            pad,
+            g_bar,
+            stats,
+            batch_tokens=batch_tokens,
+            on_batch=on_batch,
+            leave_self_out=anchor_self,
         )
         return term, np.full(len(enc), np.nan)
     if name == "clues" and ckpt.moments is None:
         raise FedqcError("clues needs the Adam moments of the warm-up steps in each checkpoint")
+    directions = _leave_one_out(loaded, enc, g_bar, batch_tokens) if anchor_self else g_bar
     stats_ = per_sample_stats(
         model,
         enc,
         pad,
-        directions=g_bar,
+        directions=directions,
         moments=ckpt.moments if name == "clues" else None,
         betas=settings.adam_betas,
         eps=settings.adam_eps,
         batch_tokens=batch_tokens,
         on_batch=on_batch,
     )
-    dots = stats_.dots[:, 0]
+    # each sample against its own direction: the shared ḡ, or (anchors) the others' mean
+    dots = np.diagonal(stats_.dots).copy() if anchor_self else stats_.dots[:, 0]
     if name == "tracin-cos":
-        g_norm = float(np.sqrt(sum(float((t.double() ** 2).sum()) for t in g_bar.values())))
+        rows = len(enc) if anchor_self else 1
+        g_sq = sum((t.double().reshape(rows, -1) ** 2).sum(1) for t in directions.values())
+        g_norm = np.sqrt(g_sq.numpy())
         denom = np.sqrt(stats_.sq_norm) * g_norm
         dots = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
     return ckpt.lr * dots, stats_.loss
+
+
+def _leave_one_out(
+    loaded: LoadedModel, enc: list[Encoded], g_bar: dict[str, torch.Tensor], batch_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Per anchor i, the mean gradient of the other anchors, (n ḡ − g_i)/(n − 1): name → (n, …).
+
+    ``g_bar`` is the mean gradient of ``enc``; the g_i come from one batched pass of the same hook
+    engine (n LoRA-sized directions in memory: the anchors are few).
+    """
+    n, pad = len(enc), loaded.tokenizer.pad_token_id
+    out = {k: torch.empty((n, *v.shape), dtype=torch.float32) for k, v in g_bar.items()}
+    with LoraHooks(loaded.model) as hooks:
+        for batch in token_budget_batches(enc, batch_tokens, pad):
+            for _, block, g in hooks.backward(batch).blocks():
+                out[block.name][batch.indices] = g
+    for k, v in g_bar.items():
+        out[k] = ((n * v.double() - out[k].double()) / (n - 1)).float()
+    return out

@@ -127,8 +127,14 @@ def datainf_scores(
     *,
     batch_tokens: int = 4096,
     on_batch: Callable[[int], None] | None = None,
+    leave_self_out: bool = False,
 ) -> np.ndarray:
-    """Pass 3: −I(k) = Σ_l (⟨v_l, g_kl⟩ − ⟨S_l, g_kl⟩/n)/λ_l for every sample (higher = better)."""
+    """Pass 3: −I(k) = Σ_l (⟨v_l, g_kl⟩ − ⟨S_l, g_kl⟩/n)/λ_l for every sample (higher = better).
+
+    ``leave_self_out``: v is the mean gradient of ``encoded`` themselves (the anchors scored for
+    the threshold); sample k's ⟨v_l, g_kl⟩ then uses the mean of the others,
+    (m ⟨v_l, g_kl⟩ − ‖g_kl‖²)/(m − 1) over the m samples.
+    """
     blocks = lora_blocks(model)
     if [b.name for b in blocks] != stats.names:
         raise FedqcError("DataInf statistics were computed for other LoRA weights")
@@ -146,4 +152,7 @@ def datainf_scores(
         on_batch=on_batch,
     )
     a, e = out.block_dots[:, :, 0], out.block_dots[:, :, 1]
+    if leave_self_out:
+        m = len(encoded)
+        a = (m * a - out.block_sq_norm) / (m - 1)
     return ((a - e / stats.n) / stats.lam).sum(axis=1)

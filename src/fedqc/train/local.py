@@ -12,6 +12,18 @@ from fedqc.data.encoding import Encoded, collate
 from fedqc.models.likelihood import batch_nll, response_nll
 
 
+def round_lr(lr: float, schedule: str, absolute_round: int, total_rounds: int) -> float:
+    """The learning rate of one round: constant, or cosine from lr down to lr/10 over the run.
+
+    It depends on the absolute round (counted from the start of the run, across resumes). The
+    warm-up rounds of the checkpoint scorers follow the same schedule over their own W rounds.
+    """
+    if schedule == "cosine" and total_rounds > 1:
+        low, progress = lr / 10, (absolute_round - 1) / (total_rounds - 1)
+        return low + 0.5 * (lr - low) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return lr
+
+
 def train_steps(
     model: torch.nn.Module,
     encoded: list[Encoded],
@@ -23,6 +35,22 @@ def train_steps(
     seed: int = 0,
 ) -> float:
     """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss."""
+    return train_steps_with_optimizer(
+        model, encoded, pad_id, steps, batch_size, lr, weight_decay, seed
+    )[0]
+
+
+def train_steps_with_optimizer(
+    model: torch.nn.Module,
+    encoded: list[Encoded],
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> tuple[float, torch.optim.AdamW]:
+    """:func:`train_steps`, also returning the optimizer (its Adam moments, for ``clues``)."""
     if not encoded:
         raise ValueError("no samples to train on")
     rng = random.Random(seed)
@@ -40,7 +68,7 @@ def train_steps(
         optimizer.step()
         losses.append(loss.item())
     model.eval()
-    return float(np.mean(losses))
+    return float(np.mean(losses)), optimizer
 
 
 def evaluate(
