@@ -90,6 +90,105 @@ def test_non_finite_scores_are_dropped_by_every_scoring_arm():
         assert not run_arm(arm, scores, clean, np.array([0.0]), 0.25).keep[0][0]
 
 
+def _two_bumps(rng, clean_n, bad_n):
+    """Clean scores around 0 (sd 0.2), corrupted around -4 (sd 0.5): the gap is (-2.5, -0.6)."""
+    flags = np.array([True] * clean_n + [False] * bad_n)
+    scores = np.concatenate([rng.normal(0, 0.2, clean_n), rng.normal(-4, 0.5, bad_n)])
+    order = rng.permutation(len(flags))
+    return scores[order], flags[order]
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5, 0.8])
+def test_mixture_arm_puts_tau_in_the_gap_without_the_rate(rate):
+    from fedqc.quality.mixture import fit_mixture, histogram, histogram_edges
+
+    rng = np.random.default_rng(1)
+    clients = [_two_bumps(rng, round(n * (1 - rate)), round(n * rate)) for n in (40, 60, 100)]
+    scores, clean = [c[0] for c in clients], [c[1] for c in clients]
+    anchors = rng.normal(0, 0.2, 10)
+    arm = _arm("qc", "mixture")
+    # the true rate is not used by the rule: any value gives the same τ
+    outcome = run_arm(arm, scores, clean, anchors, true_rate=0.0)
+    assert -2.5 < outcome.tau < -0.6
+    assert outcome.client_tau == [outcome.tau] * 3
+    assert [k.tolist() for k in outcome.keep] == [c.tolist() for c in clean]
+    # the federation's way: the server sums the clients' histograms over the anchor-fixed bins
+    edges = histogram_edges(anchors)
+    pooled = histogram(np.concatenate(scores), edges)
+    assert sum(histogram(s, edges) for s in scores).tolist() == pooled.tolist()
+    assert outcome.tau == fit_mixture(edges, pooled, anchors).tau
+
+
+def _hand_made_pool(n_items=60, types=("cut", "noise")):
+    """A pool whose losses separate perfectly: ℓ(r|q) ≈ 1 for clean answers, ≈ 3 corrupted; the
+    bare loss ℓ(r) ≈ 2 everywhere. Anchors: clean-like."""
+    from fedqc.bench.pool import Losses
+
+    rng = np.random.default_rng(0)
+    data = _data(n_items, list(types))
+    data.anchors = [Sample(f"a{k}", f"qa{k}", f"anchor {k}") for k in range(20)]
+    entries = data.entries()
+    bad = np.array([k is not None for _, k in entries])
+    cond = np.where(bad, 3.0, 1.0) + rng.normal(0, 0.05, len(entries))
+    losses = Losses(cond, 2.0 + rng.normal(0, 0.05, len(entries)), np.zeros(len(entries), bool))
+    anchor_losses = Losses(
+        1.0 + rng.normal(0, 0.05, 20), 2.0 + rng.normal(0, 0.05, 20), np.zeros(20, bool)
+    )
+    return data, losses, anchor_losses
+
+
+def test_every_rule_and_the_ensemble_on_a_hand_made_pool():
+    from fedqc.bench.experiment import NA, Experiment, ForwardScores, Selector
+
+    data, losses, anchor_losses = _hand_made_pool()
+    scorers = ["cond-prob", "ensemble:ppl+ifd"]
+    rules = ["anchor-mean", "anchor-quantile:0.1", "anchor-conformal:0.1", "mixture"]
+    arms = make_arms(scorers, rules)
+    selector = Selector([ForwardScores(s, losses, anchor_losses) for s in scorers], np.arange(10))
+    experiment = Experiment(selector, arms, data, 2, ["cut", "noise"], 0, 10)
+    fed = make_federation(
+        data, Partition("explicit", rates=(0.2, 0.6)), 2, 20, math.nan, ["cut", "noise"], 0, "main"
+    )
+    rows, outcomes = experiment.main(fed)
+    overall = {r["arm"]: r for r in rows if r["client"] == "all"}
+    for scorer in scorers:
+        mixture = overall[f"{scorer}/mixture"]
+        assert mixture["f1"] == 1.0 and mixture["auc"] == 1.0
+        # τ between the clean and the corrupted losses, in the scorer's units
+        if scorer == "cond-prob":
+            assert -2.9 < mixture["tau"] < -1.1
+        assert overall[f"{scorer}/anchor-conformal:0.1"]["recall"] >= 0.7
+    cont = experiment.contamination_sweep(Partition("iid"), [0.2, 0.5, 0.8])
+    for row in (r for r in cont if r["rule"] == "mixture"):
+        assert row["f1"] == 1.0, row
+    assert {r["contamination"] for r in cont if r["rule"] == "mixture"} == {0.2, 0.5, 0.8}
+    types = experiment.type_sweep(Partition("iid"), 0.5)
+    assert {r["corruption"] for r in types if r["rule"] == "mixture"} == {"cut", "noise", "mixture"}
+    anchors = experiment.anchor_sweep(fed, [5, 10, 20], 2)
+    conformal = [r for r in anchors if r["rule"] == "anchor-conformal:0.1"]
+    na = [r for r in conformal if r.get("status") == NA]
+    # 5 anchors cannot support α = 0.1: one n/a row per scorer, with the reason
+    assert {(r["anchors"], r["scorer"]) for r in na} == {(5, s) for s in scorers}
+    assert all("needs at least 9 anchors" in r["note"] for r in na)
+    assert {r["anchors"] for r in conformal if r.get("status") != NA} == {10, 20}
+    assert {r["anchors"] for r in anchors if r["rule"] == "mixture"} == {5, 10, 20}
+
+
+def test_an_ensemble_is_calibrated_on_the_anchors_that_set_tau():
+    from fedqc.bench.experiment import ForwardScores
+    from fedqc.scoring.ensemble import calibrate
+
+    _, losses, anchor_losses = _hand_made_pool()
+    source = ForwardScores("ensemble:ppl+ifd", losses, anchor_losses)
+    first, other = np.arange(5), np.arange(5, 15)
+    a = anchor_losses.take(first)
+    assert source.scorer(first).calibration == calibrate("ensemble:ppl+ifd", a.cond, a.bare)
+    assert source.scorer(other).calibration != source.scorer(first).calibration
+    # the anchors' scores are on their own calibration: median of each component at 0
+    z = source.anchor_scores(first)
+    assert abs(np.median(z)) < 1.0
+
+
 def test_auc_hand_computed():
     # clean {0.9, 0.5} vs corrupted {0.1, 0.7}: 3 of the 4 pairs ordered right
     assert auc(np.array([0.9, 0.1, 0.5, 0.7]), np.array([1, 0, 1, 0])) == pytest.approx(0.75)
@@ -196,12 +295,31 @@ def test_profile_then_file_then_set(tmp_path):
         (["bench.partition=explicit", "data.contamination=0.1,0.2"], "2 rates for 4 clients"),
         (["bench.contamination-sweep=0.2,1.5"], "bench.contamination-sweep"),
         (["bench.anchor-sweep=2.5"], "whole"),
+        (["bench.scorers=ppl,clues"], "Adam moments"),
+        (["bench.scorers=tracin", "bench.warmup-rounds=0"], "warmup-rounds must be ≥ 1"),
+        (["bench.scorers=ppl,ppl"], "named twice"),
+        (["bench.scorers=ensemble:ppl"], "two or more different scorers"),
+        (["data.num-anchors=5", "bench.rules=anchor-conformal:0.1"], "needs at least 9 anchors"),
+        (["data.num-anchors=1", "bench.rules=mixture"], "mixture needs"),
     ],
 )
 def test_config_errors(overrides, message):
     with pytest.raises(FedqcError, match=message):
         cfg, bench = load_bench_config(None, overrides)
         bench.check(cfg)
+
+
+def test_quick_profile_compares_every_rule_and_the_ensemble():
+    cfg, bench = load_bench_config(None, [], "quick")
+    bench.check(cfg)
+    rules = bench.list_of("rules")
+    for rule in ("anchor-mean", "anchor-quantile:0.1", "anchor-conformal:0.1", "mixture"):
+        assert rule in rules
+    for scorer in ("ppl", "cond-prob", "ifd", "ira", "ensemble:ppl+ifd"):
+        assert scorer in bench.scorer_list
+    cfg, bench = load_bench_config(None, ["bench.rules=mixture", "bench.scorers=tracin,ppl"])
+    bench.check(cfg)
+    assert bench.checkpoint_scorers == ["tracin"]
 
 
 def test_cli_registers_bench():
@@ -296,6 +414,7 @@ def bench_run(tmp_path_factory, tiny_model_dir):
             "train.local-steps=1",
             "train.batch-size=2",
             "bench.scorers=ppl,ira",
+            "bench.rules=anchor-mean,mixture",
             "bench.anchor-sweep=2,5",
             "bench.anchor-repeats=2",
             "bench.em-questions=2",

@@ -24,6 +24,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
         (math.nan, "–"),
         (0.123456, "0.123"),
         (48830.2, "4.883e+04"),
+        (3.2e-5, "3.2e-05"),  # TracIn-sized: not 0.000
+        (-0.0004567, "-0.0004567"),
+        (0.0, "0.000"),
         (3, "3"),
         (True, "yes"),
         ("ppl/anchor-mean", "ppl/anchor-mean"),

@@ -3,6 +3,9 @@
 - ``mixed``: no quality control, every sample is kept.
 - ``oracle``: the clean samples only (an upper bound; needs the ground truth).
 - QC, ``<scorer>/<rule>``: τ from the anchors with an anchor rule; every client keeps score ≥ τ.
+  ``mixture``: as the federation does it, every client counts its scores over bins fixed from the
+  anchor scores, the server sums the counts and fits the two-component model (anchors as
+  known-clean points); τ where clean and corrupted are equally likely. No rate is given to it.
 - ``<scorer>/drop-fraction``: each client drops its lowest-scoring fraction, equal to the true
   global corrupted proportion (paper [A]'s ablation baseline; the rate comes from the ground truth).
 - ``<scorer>/global-proportion``: one τ over all clients' scores pooled, dropping the true global
@@ -17,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedqc.quality.mixture import fit_mixture, histogram, histogram_edges
 from fedqc.quality.rules import global_threshold, parse_rule
 from fedqc.quality.selection import select, selection_metrics
-from fedqc.scoring.scorers import get_scorer
+from fedqc.scoring.scorers import CHECKPOINT_SCORERS, get_checkpoint_scorer, get_scorer
 
 KINDS = ("mixed", "oracle", "qc", "drop-fraction", "global-proportion")
 UPPER_BOUNDS = {
@@ -72,7 +76,11 @@ def run_arm(
     if arm.kind == "oracle":
         return Outcome([np.asarray(c, dtype=bool) for c in clean], None, [None] * len(clean))
     if arm.kind == "qc":
-        tau = global_threshold(parse_rule(arm.rule), get_scorer(arm.scorer), anchor_oriented)
+        rule = parse_rule(arm.rule)
+        if rule.needs_histograms:
+            tau = mixture_tau(oriented, anchor_oriented)
+        else:
+            tau = global_threshold(rule, scorer_info(arm.scorer), anchor_oriented)
         return Outcome([select(o, tau=tau).keep for o in oriented], tau, [tau] * len(oriented))
     if arm.kind == "drop-fraction":
         keep = [_drop_lowest(o, true_rate) for o in oriented]
@@ -86,6 +94,20 @@ def run_arm(
         keep = [keep_all[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         return Outcome(keep, tau, [tau] * len(oriented))
     raise ValueError(f"unknown arm kind '{arm.kind}'")
+
+
+def scorer_info(name: str):
+    """The scorer's direction and unit conversions (``raw``, ``orient``), whatever its kind; an
+    ensemble with unit calibration (its raw score is the oriented one either way)."""
+    return get_checkpoint_scorer(name) if name in CHECKPOINT_SCORERS else get_scorer(name)
+
+
+def mixture_tau(oriented: Sequence[np.ndarray], anchor_oriented: np.ndarray) -> float:
+    """The ``mixture`` rule's τ, computed as the federation does: bins fixed from the anchor
+    scores, each client's histogram over them, the server's sum, then the fit."""
+    edges = histogram_edges(anchor_oriented)
+    counts = sum((histogram(o, edges) for o in oriented), np.zeros(len(edges) - 1, np.int64))
+    return fit_mixture(edges, counts, anchor_oriented).tau
 
 
 def _drop_lowest(oriented: np.ndarray, rate: float) -> np.ndarray:

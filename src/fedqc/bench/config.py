@@ -14,14 +14,30 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedqc.config import Config, _coerce  # the run config's own type conversion
 from fedqc.data.corrupt import CORRUPTIONS
 from fedqc.data.partition import Partition, parse_partition
 from fedqc.errors import FedqcError
-from fedqc.quality.rules import Rule, parse_rule
-from fedqc.scoring.scorers import SCORERS, get_scorer
+from fedqc.quality.rules import Rule, conformal_threshold, parse_rule
+from fedqc.scoring.scorers import CHECKPOINT_SCORERS, get_scorer
 
-ANCHOR_RULES = ("anchor-mean", "anchor-quantile", "anchor-conformal")
+# The rules the bench compares: τ from the anchors, or the federation-wide histogram fit.
+ANCHOR_RULES = ("anchor-mean", "anchor-quantile", "anchor-conformal", "mixture")
+# end-loss alone is left out: it has no value for a sample cut at model.max-length.
+DEFAULT_SCORERS = "ppl,cond-prob,ifd,ira,ensemble:ppl+ifd,ensemble-min:cond-prob+ifd+end-loss"
+DEFAULT_RULES = "anchor-mean,anchor-quantile:0.1,anchor-conformal:0.1,mixture"
+# Checkpoint scorers the bench cannot run faithfully, and why.
+UNSUPPORTED = {
+    "clues": (
+        "clues needs every client's Adam moments from its own warm-up steps; the bench's warm-up "
+        "is the training arms' `fedqc run` (phase 2 rounds), whose clients do not keep them, and "
+        "the moments are per client, so pool scores could not be shared between federations. "
+        "Use tracin, tracin-cos, datainf, icl or nuggets in the bench, and "
+        "`fedqc run --set quality.scorer=clues` for clues"
+    ),
+}
 TRAIN_KEYWORDS = ("mixed", "oracle", "best", "all", "none")
 
 
@@ -32,8 +48,16 @@ class BenchConfig:
     partition: str = "explicit"
     types: str = ",".join(CORRUPTIONS)  # the corruption mixture
     variants: int = 1  # corrupted versions scored per pool item (5: every type for every item)
-    scorers: str = ",".join(SCORERS)
-    rules: str = "anchor-mean,anchor-quantile:0.1"
+    # Forward-only scorers, ensembles (ensemble:ppl+ifd) and checkpoint scorers (tracin,
+    # tracin-cos, datainf, icl, nuggets: scored at the warm-up checkpoints).
+    scorers: str = DEFAULT_SCORERS
+    rules: str = DEFAULT_RULES
+    # Checkpoint scorers: W warm-up rounds of federated LoRA on the main federation's unfiltered
+    # data (a real `fedqc run`); the global adapter after round k is the checkpoint θ_k.
+    warmup_rounds: int = 2
+    # Re-score checkpoint scorers where a sweep changes what they depend on (another anchor draw:
+    # ḡ_k or the icl prefix; datainf: another client's samples). Slow; off: those rows are n/a.
+    rescore_checkpoints: bool = False
     # Sweeps (selection only, on federations re-assembled from the same scored pool).
     sweep_partition: str = "iid"
     contamination_sweep: str = "0.2,0.5,0.8"
@@ -59,6 +83,11 @@ class BenchConfig:
     @property
     def scorer_list(self) -> list[str]:
         return self.list_of("scorers")
+
+    @property
+    def checkpoint_scorers(self) -> list[str]:
+        """The named scorers that are computed at the warm-up checkpoints."""
+        return [s for s in self.scorer_list if s in CHECKPOINT_SCORERS]
 
     @property
     def rule_list(self) -> list[Rule]:
@@ -93,9 +122,18 @@ class BenchConfig:
     def check(self, cfg: Config) -> None:
         """Every option parses and fits the config; one clear line otherwise."""
         for name in self.scorer_list:
-            get_scorer(name)
+            if name in UNSUPPORTED:
+                raise FedqcError(f"bench.scorers: {UNSUPPORTED[name]}")
+            if name not in CHECKPOINT_SCORERS:
+                get_scorer(name)
         if not self.scorer_list:
             raise FedqcError("bench.scorers: name at least one scorer")
+        if len(set(self.scorer_list)) != len(self.scorer_list):
+            raise FedqcError(f"bench.scorers '{self.scorers}': a scorer is named twice")
+        if self.checkpoint_scorers and self.warmup_rounds < 1:
+            raise FedqcError(
+                f"bench.warmup-rounds must be ≥ 1 for {', '.join(self.checkpoint_scorers)}"
+            )
         for rule in self.rule_list:
             if rule.kind not in ANCHOR_RULES:
                 raise FedqcError(
@@ -103,6 +141,17 @@ class BenchConfig:
                     f"{', '.join(ANCHOR_RULES)} (drop-fraction and the global threshold are "
                     "its built-in baselines)"
                 )
+            if rule.kind == "anchor-conformal":
+                # the main federation's anchors must support α (the anchor sweep marks the rest
+                # n/a)
+                try:
+                    conformal_threshold(np.arange(float(cfg.data.num_anchors)), rule.value)
+                except FedqcError as exc:
+                    raise FedqcError(
+                        f"bench.rules: {exc} (data.num-anchors = {cfg.data.num_anchors})"
+                    ) from None
+            if rule.kind == "mixture" and cfg.data.num_anchors < 2:
+                raise FedqcError("bench.rules: mixture needs data.num-anchors ≥ 2 (the bins)")
         unknown = set(self.type_list) - set(CORRUPTIONS)
         if unknown or not self.type_list:
             raise FedqcError(f"bench.types '{self.types}': use some of {', '.join(CORRUPTIONS)}")
@@ -138,14 +187,20 @@ class BenchConfig:
         lines = ["[bench]"]
         for f in fields(self):
             value = getattr(self, f.name)
-            text = repr(value) if isinstance(value, int | float) else json.dumps(value)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = repr(value) if isinstance(value, int | float) else json.dumps(value)
             lines.append(f"{f.name.replace('_', '-')} = {text}")
         return "\n".join(lines) + "\n"
 
 
 # Profiles: defaults applied before the config file and --set.
 PROFILES: dict[str, dict[str, Any]] = {
-    # 2-core CPU, under 20 minutes: 80 client samples, 50 anchors, 2 short rounds per trained arm.
+    # 2-core CPU, under 20 minutes: 80 client samples, 50 anchors, 2 short rounds per trained arm;
+    # the forward-only scorers and the ppl+ifd ensemble, every rule. Checkpoint scorers do not fit
+    # the budget here (each costs a forward+backward per sample and checkpoint): add them with
+    # --set bench.scorers=ppl,...,tracin,tracin-cos,icl.
     "quick": {
         "data.samples-per-client": 20,
         "data.num-eval": 20,
@@ -164,6 +219,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.local-steps": 10,
         "train.batch-size": 16,
         "bench.variants": len(CORRUPTIONS),
+        "bench.scorers": DEFAULT_SCORERS + ",tracin,tracin-cos,datainf,icl",
         "bench.anchor-repeats": 20,
         "bench.em-questions": 200,
         "bench.max-new-tokens": 256,

@@ -1,7 +1,11 @@
 """Selection experiments on federations assembled from the scored pool: the main federation (every
 arm, per client and overall) and the three sweeps (contamination, anchor count, corruption type).
 
-None of this runs the model: every score is looked up in the pool's :class:`Losses`.
+Scores come from score sources, one per scorer: :class:`ForwardScores` looks them up in the pool's
+:class:`Losses` (an ensemble is calibrated on the anchors that set τ, as the server does), and
+:class:`fedqc.bench.checkpoints.CheckpointScores` holds scores at the warm-up checkpoints. A
+source raises :class:`NotMeasured` where it cannot give the federation's scores faithfully
+(without re-scoring); the experiment then writes an ``n/a`` row with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from fedqc.bench.arms import Arm, auc, outcome_metrics, run_arm
 from fedqc.bench.pool import BenchData, Losses
 from fedqc.data.partition import Member, Partition, assemble, corrupted_counts
 from fedqc.errors import FedqcError
+from fedqc.scoring.ensemble import calibrate, is_ensemble
 from fedqc.scoring.scorers import get_scorer
+
+NA = "n/a"
+
+
+class NotMeasured(Exception):
+    """A scorer's scores on this federation or anchor draw would need re-scoring; the message
+    says why."""
 
 
 @dataclass
@@ -25,6 +37,7 @@ class Federation:
     members: list[list[Member]]
     entries: list[np.ndarray]  # per client: the pool-entry index of each sample
     clean: list[np.ndarray]  # per client: ground-truth flags, clean = True
+    label: str = ""  # "main", "contamination-0.2", ...: names the federation
 
     @property
     def total(self) -> int:
@@ -62,6 +75,7 @@ def make_federation(
         members,
         [np.array([index[(m.item, m.corruption)] for m in c], dtype=np.int64) for c in members],
         [np.array([not m.corrupted for m in c], dtype=bool) for c in members],
+        label,
     )
 
 
@@ -77,37 +91,113 @@ def fitting_size(data: BenchData, types: Sequence[str], rate: float, num_clients
     return pool // num_clients
 
 
-class Selector:
-    """Runs arms on federations, with each scorer's oriented pool scores computed once."""
+def anchor_key(anchors: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(a) for a in anchors)
 
-    def __init__(self, losses: Losses, anchor_losses: Losses, scorers: Sequence[str]) -> None:
-        self.oriented = {s: losses.oriented(s) for s in scorers}
-        self.anchor_oriented = {s: anchor_losses.oriented(s) for s in scorers}
+
+class ForwardScores:
+    """A forward-only scorer or an ensemble, from the pool's losses (no model run).
+
+    An ensemble is calibrated on the anchors that set τ (as the server calibrates it on its
+    anchors), so its pool scores are recomputed for each anchor draw.
+    """
+
+    def __init__(self, name: str, losses: Losses, anchor_losses: Losses) -> None:
+        self.name = name
+        self._losses, self._anchor_losses = losses, anchor_losses
+        self._cache: dict[tuple[int, ...] | None, tuple] = {}
+
+    def _scored(self, anchors: np.ndarray):
+        key = anchor_key(anchors) if is_ensemble(self.name) else None
+        if key not in self._cache:
+            scorer = get_scorer(self.name)
+            if key is not None:
+                a = self._anchor_losses.take(anchors)
+                scorer = get_scorer(self.name, calibrate(self.name, a.cond, a.bare, a.end))
+            with np.errstate(all="ignore"):
+                pool = scorer.orient(
+                    scorer.formula(self._losses.cond, self._losses.bare, self._losses.end)
+                )
+                every = self._anchor_losses
+                anchor = scorer.orient(scorer.formula(every.cond, every.bare, every.end))
+            self._cache[key] = (
+                scorer,
+                np.asarray(pool, np.float64),
+                np.asarray(anchor, np.float64),
+            )
+        return self._cache[key]
+
+    def scorer(self, anchors: np.ndarray):
+        return self._scored(anchors)[0]
+
+    def client_scores(self, fed: Federation, anchors: np.ndarray) -> list[np.ndarray]:
+        pool = self._scored(anchors)[1]
+        return [pool[e] for e in fed.entries]
+
+    def anchor_scores(self, anchors: np.ndarray) -> np.ndarray:
+        return self._scored(anchors)[2][anchors]
+
+    def pool_raw(self, anchors: np.ndarray) -> np.ndarray:
+        scorer, pool, _ = self._scored(anchors)
+        return scorer.raw(pool)
+
+    def note(self, fed: Federation, anchors: np.ndarray) -> str:
+        return ""
+
+
+class Selector:
+    """Runs arms on federations; each scorer's scores come from its source.
+
+    ``main_anchors``: the anchors that set τ on the main federation (and in the other sweeps).
+    """
+
+    def __init__(self, sources: Sequence, main_anchors: np.ndarray) -> None:
+        self.sources = {s.name: s for s in sources}
+        self.main_anchors = np.asarray(main_anchors, dtype=np.int64)
+
+    @property
+    def scorers(self) -> list[str]:
+        return list(self.sources)
+
+    def scores(
+        self, scorer: str, fed: Federation, anchors: np.ndarray | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Oriented scores per client and of the anchors; raises :class:`NotMeasured`."""
+        anchors = self.main_anchors if anchors is None else anchors
+        source = self.sources[scorer]
+        return source.client_scores(fed, anchors), source.anchor_scores(anchors)
+
+    def scorer(self, name: str, anchors: np.ndarray | None = None):
+        """The scorer as applied with these anchors (an ensemble: its calibration)."""
+        return self.sources[name].scorer(self.main_anchors if anchors is None else anchors)
+
+    def note(self, scorer: str, fed: Federation, anchors: np.ndarray) -> str:
+        return self.sources[scorer].note(fed, anchors)
 
     def run(self, arm: Arm, fed: Federation, anchors: np.ndarray):
         """(outcome, per-client metrics, overall metrics); ``anchors``: which anchors set τ."""
         if arm.selects:
-            scores = [self.oriented[arm.scorer][e] for e in fed.entries]
-            anchor = self.anchor_oriented[arm.scorer][anchors]
+            scores, anchor = self.scores(arm.scorer, fed, anchors)
         else:
             scores, anchor = [np.zeros(len(c)) for c in fed.clean], np.zeros(0)
         outcome = run_arm(arm, scores, fed.clean, anchor, fed.true_rate)
         per_client, overall = outcome_metrics(outcome, fed.clean)
         return outcome, per_client, overall
 
-    def auc(self, scorer: str, fed: Federation) -> float:
-        return auc(self.oriented[scorer][np.concatenate(fed.entries)], np.concatenate(fed.clean))
+    def auc(self, scorer: str, fed: Federation, anchors: np.ndarray | None = None) -> float:
+        scores, _ = self.scores(scorer, fed, anchors)
+        return auc(np.concatenate(scores), np.concatenate(fed.clean))
 
 
-def _raw(arm: Arm, tau: float | None) -> float:
-    return math.nan if tau is None or not arm.selects else get_scorer(arm.scorer).raw(tau)
+def _raw(scorer, tau: float | None) -> float:
+    return math.nan if tau is None or scorer is None else float(scorer.raw(tau))
 
 
-def _tau_of(arm: Arm, outcome) -> float:
+def _tau_of(scorer, outcome) -> float:
     """τ in the scorer's units; per-client rules report the mean of the clients' τ."""
     if outcome.tau is not None:
-        return _raw(arm, outcome.tau)
-    taus = [_raw(arm, t) for t in outcome.client_tau if t is not None]
+        return _raw(scorer, outcome.tau)
+    taus = [_raw(scorer, t) for t in outcome.client_tau if t is not None]
     return float(np.mean(taus)) if taus else math.nan
 
 
@@ -141,18 +231,31 @@ class Experiment:
             self.data, partition, self.num_clients, n, rate, types, self.seed, label
         )
 
+    def _measure(self, arm: Arm, fed: Federation, anchors: np.ndarray):
+        """(outcome, per-client, overall row fields) of one arm; raises NotMeasured / FedqcError."""
+        outcome, per_client, overall = self.selector.run(arm, fed, anchors)
+        if not arm.selects:
+            return outcome, per_client, {"tau": math.nan, "auc": math.nan} | overall, None
+        scorer = self.selector.scorer(arm.scorer, anchors)
+        fields = {
+            "tau": _tau_of(scorer, outcome),
+            "auc": self.selector.auc(arm.scorer, fed, anchors),
+        }
+        note = self.selector.note(arm.scorer, fed, anchors)
+        return outcome, per_client, fields | overall | ({"note": note} if note else {}), scorer
+
     def overall(self, experiment: str, fed: Federation, arms, chosen=None, **extra) -> list[dict]:
         """One overall row per arm on ``fed``; ``chosen``: the anchors that set τ (default the
-        first num_anchors)."""
+        first num_anchors). An arm that cannot be measured faithfully gets an ``n/a`` row."""
         chosen = np.arange(self.num_anchors) if chosen is None else chosen
         rows = []
         for arm in arms:
-            outcome, _, overall = self.selector.run(arm, fed, chosen)
-            auc = self.selector.auc(arm.scorer, fed) if arm.selects else math.nan
-            rows.append(
-                _row(experiment, arm, client="all", tau=_tau_of(arm, outcome), auc=auc, **extra)
-                | overall
-            )
+            try:
+                _, _, fields, _ = self._measure(arm, fed, chosen)
+            except (NotMeasured, FedqcError) as exc:
+                rows.append(na_row(experiment, arm, str(exc), **extra))
+                continue
+            rows.append(_row(experiment, arm, client="all", **extra) | fields)
         return rows
 
     def main(self, fed: Federation) -> tuple[list[dict], dict]:
@@ -160,14 +263,11 @@ class Experiment:
         anchors = np.arange(self.num_anchors)
         rows, outcomes = [], {}
         for arm in self.arms:
-            outcome, per_client, overall = self.selector.run(arm, fed, anchors)
+            outcome, per_client, fields, scorer = self._measure(arm, fed, anchors)
             outcomes[arm.name] = outcome
-            auc = self.selector.auc(arm.scorer, fed) if arm.selects else math.nan
-            rows.append(
-                _row("main", arm, client="all", tau=_tau_of(arm, outcome), auc=auc) | overall
-            )
+            rows.append(_row("main", arm, client="all") | fields)
             rows += [
-                _row("main", arm, client=c, tau=_raw(arm, outcome.client_tau[c])) | metrics
+                _row("main", arm, client=c, tau=_raw(scorer, outcome.client_tau[c])) | metrics
                 for c, metrics in enumerate(per_client)
             ]
         return rows, outcomes
@@ -187,21 +287,31 @@ class Experiment:
         return rows
 
     def anchor_sweep(self, fed: Federation, counts: Sequence[int], repeats: int) -> list[dict]:
-        """τ and selection with k random anchors (``repeats`` draws each), QC arms only."""
+        """τ and selection with k random anchors (``repeats`` draws each), QC arms only.
+
+        An arm that cannot be measured at k anchors (anchor-conformal with too few anchors; a
+        checkpoint scorer whose scores depend on the draw) gets one ``n/a`` row for that k.
+        """
         pool = len(self.data.anchors)
         rows = []
         for k in counts:
             if k > pool:
                 raise FedqcError(f"bench.anchor-sweep asks for {k} anchors; the set has {pool}")
+            missing: set[str] = set()
             for r in range(1 if k == pool else repeats):
                 rng = random.Random(f"fedqc-bench-{self.seed}-anchors-{k}-{r}")
                 chosen = np.array(sorted(rng.sample(range(pool), k)), dtype=np.int64)
-                for arm in (a for a in self.arms if a.kind == "qc"):
+                for arm in (a for a in self.arms if a.kind == "qc" and a.name not in missing):
                     try:
-                        rows += self.overall("anchors", fed, [arm], chosen, anchors=k, repeat=r)
-                    except FedqcError:  # e.g. anchor-conformal with too few anchors
+                        _, _, fields, _ = self._measure(arm, fed, chosen)
+                    except (NotMeasured, FedqcError) as exc:
+                        missing.add(arm.name)
+                        rows.append(na_row("anchors", arm, str(exc), anchors=k))
                         continue
-        return rows
+                    rows.append(_row("anchors", arm, client="all", anchors=k, repeat=r) | fields)
+        # a draw that failed after others succeeded leaves only the n/a row for that arm and k
+        failed = {(r["arm"], r["anchors"]) for r in rows if r.get("status") == NA}
+        return [r for r in rows if r.get("status") == NA or (r["arm"], r["anchors"]) not in failed]
 
     def type_sweep(self, partition: Partition, rate: float) -> list[dict]:
         """Selection on federations corrupted by one type only, and by the mixture."""
@@ -214,3 +324,13 @@ class Experiment:
             fed = self.federation(partition, n, rate, chosen, f"type-{kind}-{rate:g}")
             rows += self.overall("types", fed, self._compared, corruption=kind, contamination=rate)
         return rows
+
+
+def na_row(experiment: str, arm: Arm, reason: str, **extra) -> dict:
+    """An arm the bench does not measure here, and why (metrics left empty)."""
+    return _row(experiment, arm, client="all", **extra) | {"status": NA, "note": reason}
+
+
+def measured(rows: Sequence[dict]) -> list[dict]:
+    """The rows with numbers (not ``n/a``)."""
+    return [r for r in rows if r.get("status") != NA]

@@ -22,7 +22,7 @@ from fedqc.data.encoding import encode_all
 from fedqc.data.partition import Member, corrupt_variants
 from fedqc.data.samples import Sample, load_samples
 from fedqc.errors import FedqcError
-from fedqc.models.likelihood import response_nll
+from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
 from fedqc.scoring.scorers import get_scorer
 
@@ -82,22 +82,25 @@ def split_data(cfg: Config, bench: BenchConfig) -> BenchData:
 
 @dataclass
 class Losses:
-    """Per-sample token-mean response losses: ℓ(r|q) and ℓ(r); every scorer is a formula of them."""
+    """Per-sample losses: token means ℓ(r|q) and ℓ(r), and the end-of-sequence NLL ℓ_end;
+    every forward scorer is a formula of them."""
 
     cond: np.ndarray
     bare: np.ndarray
     truncated: np.ndarray  # bool: cut to model.max-length
+    end: np.ndarray | None = None  # ℓ_end, NaN where truncated (None: not measured)
 
     def raw(self, scorer: str) -> np.ndarray:
         with np.errstate(all="ignore"):
-            return get_scorer(scorer).formula(self.cond, self.bare).astype(np.float64)
+            return get_scorer(scorer).formula(self.cond, self.bare, self.end).astype(np.float64)
 
     def oriented(self, scorer: str) -> np.ndarray:
         return get_scorer(scorer).orient(self.raw(scorer))
 
     def take(self, index: np.ndarray | Sequence[int]) -> Losses:
         index = np.asarray(index, dtype=np.int64)
-        return Losses(self.cond[index], self.bare[index], self.truncated[index])
+        end = None if self.end is None else self.end[index]
+        return Losses(self.cond[index], self.bare[index], self.truncated[index], end)
 
 
 def score_losses(
@@ -107,7 +110,7 @@ def score_losses(
     batch_tokens: int = 4096,
     on_batch: Callable[[int], None] | None = None,
 ) -> Losses:
-    """ℓ(r|q) and ℓ(r) of each sample on the model's current adapter, each pass run once.
+    """ℓ(r|q), ℓ(r) and ℓ_end of each sample on the model's current adapter, each pass run once.
 
     The same encodings and batched pass as :func:`fedqc.scoring.scorers.score_samples`; bare
     sequences that are identical token for token (an exchanged answer and its own item) are
@@ -115,7 +118,7 @@ def score_losses(
     """
     tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
     cond = encode_all(tok, list(samples), max_length)
-    sums, counts = response_nll(loaded.model, cond, pad, batch_tokens, on_batch)
+    sums, counts, ends = response_losses(loaded.model, cond, pad, batch_tokens, on_batch)
     bare = encode_all(tok, list(samples), max_length, bare=True)
     unique: dict[tuple[int, ...], int] = {}
     slot = [unique.setdefault(e.input_ids, len(unique)) for e in bare]
@@ -127,4 +130,5 @@ def score_losses(
         sums / np.maximum(counts, 1),
         (bsums / np.maximum(bcounts, 1))[slot_arr] if len(slot) else np.zeros(0),
         np.array([e.truncated for e in cond], dtype=bool),
+        ends,
     )

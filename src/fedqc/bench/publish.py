@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from fedqc.bench.config import BenchConfig
+from fedqc.bench.experiment import NA, measured
 from fedqc.config import Config
 from fedqc.report import html as H
 from fedqc.report import plots
 from fedqc.report.tables import fmt, markdown_table, write_csv
-from fedqc.scoring.scorers import get_scorer
 
 NOTES = {
     "oracle": "upper bound: uses the flags",
@@ -48,6 +48,7 @@ TRAIN_COLUMNS = [
     ("eval_ppl", "eval ppl"),
     ("exact_match", "EM"),
     ("answer_format", "has #### N"),
+    ("note", "note"),
 ]
 
 
@@ -62,6 +63,7 @@ def publish(run_dir: Path, cfg: Config, bench: BenchConfig, **r) -> dict:
 
     tables = {
         "setup": _setup_table(cfg, bench, r),
+        "warmup": _warmup_table(r.get("warmup"), r["timing"]),
         "federation": _federation_table(r["fed"]),
         "main": (overall, MAIN_COLUMNS),
         "clients": _client_table(main_rows, r["fed"]),
@@ -71,6 +73,7 @@ def publish(run_dir: Path, cfg: Config, bench: BenchConfig, **r) -> dict:
         "anchors": _anchor_table(sweeps["anchors"]),
         "types-auc": _types_auc(sweeps["types"]),
         "types-f1": _types_f1(sweeps["types"]),
+        "unmeasured": _unmeasured_table(sweeps),
     }
     notes = findings(overall, sweeps, train_rows, r["fed"].true_rate)
     figures = _plots(plot_dir, r)
@@ -83,6 +86,8 @@ def publish(run_dir: Path, cfg: Config, bench: BenchConfig, **r) -> dict:
 def findings(overall: list[dict], sweeps: dict, train_rows: list[dict], rate: float) -> list[str]:
     """Plain sentences read off the numbers, including where quality control does not help."""
     out = []
+    overall = measured(overall)
+    sweeps = {name: measured(rows) for name, rows in sweeps.items()}
     by = {row["arm"]: row for row in overall}
     qc = [row for row in overall if row["kind"] == "qc"]
     if qc and "mixed" in by:
@@ -115,7 +120,7 @@ def findings(overall: list[dict], sweeps: dict, train_rows: list[dict], rate: fl
                 )
     weak: dict[str, dict[str, float]] = {}
     for row in sweeps["types"]:
-        if row["scorer"] and row["auc"] < 0.6:
+        if row["scorer"] and row.get("auc", math.nan) < 0.6:
             weak.setdefault(row["corruption"], {})[row["scorer"]] = row["auc"]
     for corruption, scorers in weak.items():
         listed = ", ".join(f"{s} {fmt(a)}" for s, a in scorers.items())
@@ -165,10 +170,25 @@ def _setup_table(cfg: Config, bench: BenchConfig, r: dict):
             f"({bench.variants} corrupted version(s) per item)",
         ),
         ("anchors", f"{d.num_anchors} for the main arms, {len(r['data'].anchors)} in the set"),
+        ("scorers", ", ".join(bench.scorer_list)),
+        ("rules", ", ".join(bench.list_of("rules"))),
         ("eval set", f"{len(r['data'].eval)} clean held-out samples; EM on {bench.em_questions}"),
         (
             "training",
             f"{t.rounds} rounds × {t.local_steps} local steps, batch {t.batch_size}, lr {t.lr:g}",
+        ),
+        *(
+            [
+                (
+                    "warm-up (checkpoint scorers)",
+                    f"{r['warmup'].rounds} rounds of `fedqc run` on the unfiltered main "
+                    f"federation ({r['timing'].get('warm-up', math.nan):.0f} s); the global "
+                    "adapter after each round is a checkpoint"
+                    + (", and the mixed arm's training" if _mixed_is_warmup(r) else ""),
+                )
+            ]
+            if r.get("warmup") is not None
+            else []
         ),
         ("seed", str(d.seed)),
         ("machine", _machine()),
@@ -179,6 +199,81 @@ def _setup_table(cfg: Config, bench: BenchConfig, r: dict):
         ),
     ]
     return [{"what": a, "value": b} for a, b in rows], [("what", "what"), ("value", "value")]
+
+
+def _mixed_is_warmup(r: dict) -> bool:
+    return any(row.get("arm") == "mixed" for row in r["train_rows"]) and bool(
+        r.get("mixed_from_warmup")
+    )
+
+
+def _warmup_table(warmup, timing: dict):
+    """The checkpoints θ_k (round, η_k, eval loss after the round) and the scoring time of each
+    checkpoint scorer."""
+    if warmup is None:
+        return [], []
+    history = {h["round"]: h for h in warmup.result.get("history", [])}
+    rows = [
+        {
+            "what": f"checkpoint θ_{k}",
+            "round": k,
+            "lr": f"{ckpt.lr:g}",
+            "eval_loss": history.get(k, {}).get("eval_loss"),
+            "where": str(folder.relative_to(folder.parents[3])),
+        }
+        for k, (ckpt, folder) in enumerate(
+            zip(warmup.checkpoints, warmup.folders, strict=True), start=1
+        )
+    ]
+    rows.append({"what": "warm-up", "seconds": timing.get("warm-up")})
+    rows += [
+        {"what": f"scoring {name[len('scoring ') :]}", "seconds": seconds}
+        for name, seconds in timing.items()
+        if name.startswith("scoring ")
+    ]
+    if "re-scoring for the sweeps" in timing:
+        rows.append(
+            {"what": "re-scoring for the sweeps", "seconds": timing["re-scoring for the sweeps"]}
+        )
+    columns = [
+        ("what", "what"),
+        ("round", "round"),
+        ("lr", "η_k"),
+        ("eval_loss", "eval loss after"),
+        ("where", "adapter"),
+        ("seconds", "seconds"),
+    ]
+    return rows, columns
+
+
+def _unmeasured_table(sweeps: dict):
+    """What the sweeps did not measure, or measured with a caveat, and why (once per reason)."""
+    seen: dict[tuple, dict] = {}
+    for experiment, rows in sweeps.items():
+        for row in rows:
+            if not row.get("note"):
+                continue
+            key = (experiment, row["scorer"], row["note"])
+            entry = seen.setdefault(
+                key,
+                {
+                    "experiment": experiment,
+                    "scorer": row["scorer"],
+                    "status": "n/a" if row.get("status") == NA else "measured, caveat",
+                    "arms": [],
+                    "note": row["note"],
+                },
+            )
+            if row["arm"] not in entry["arms"]:
+                entry["arms"].append(row["arm"])
+    out = [e | {"arms": ", ".join(e["arms"])} for e in seen.values()]
+    columns = [
+        ("experiment", "sweep"),
+        ("status", "status"),
+        ("arms", "arms"),
+        ("note", "why"),
+    ]
+    return out, columns
 
 
 def _machine() -> str:
@@ -232,8 +327,8 @@ def _pivot(rows: list[dict], key: str, label: str):
     out: dict[str, dict] = {}
     for row in rows:
         entry = out.setdefault(row["arm"], {"arm": row["arm"]})
-        entry[f"tau_{row[key]}"] = row["tau"]
-        entry[f"f1_{row[key]}"] = row["f1"]
+        entry[f"tau_{row[key]}"] = row.get("tau", NA) if row.get("status") != NA else NA
+        entry[f"f1_{row[key]}"] = row.get("f1", NA) if row.get("status") != NA else NA
     columns = [("arm", "arm")]
     for v in values:
         columns += [(f"tau_{v}", f"τ @ {label.format(v)}"), (f"f1_{v}", f"F1 @ {label.format(v)}")]
@@ -250,9 +345,10 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def anchor_summary(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over the random anchor draws, per (arm, anchor count)."""
+    """Mean and standard deviation over the random anchor draws, per (arm, anchor count);
+    ``n/a`` rows are left out."""
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
+    for row in measured(rows):
         groups.setdefault((row["arm"], row["anchors"]), []).append(row)
     return [
         {
@@ -274,8 +370,12 @@ def anchor_summary(rows: list[dict]) -> list[dict]:
 
 def _anchor_table(rows: list[dict]):
     summary = anchor_summary(rows)
-    counts = list(dict.fromkeys(s["anchors"] for s in summary))
-    out: dict[str, dict] = {}
+    counts = list(dict.fromkeys(r["anchors"] for r in rows))
+    out: dict[str, dict] = {r["arm"]: {"arm": r["arm"]} for r in rows}  # the sweep's arm order
+    for r in rows:
+        if r.get("status") == NA:
+            entry = out.setdefault(r["arm"], {"arm": r["arm"]})
+            entry[f"tau_{r['anchors']}"] = entry[f"f1_{r['anchors']}"] = NA
     for s in summary:
         entry = out.setdefault(s["arm"], {"arm": s["arm"]})
         entry[f"tau_{s['anchors']}"] = s["tau_text"]
@@ -292,6 +392,9 @@ def _types_auc(rows: list[dict]):
     scorers = list(dict.fromkeys(r["scorer"] for r in rows))
     for row in rows:
         entry = out.setdefault(row["corruption"], {"corruption": row["corruption"]})
+        if row.get("status") == NA:
+            entry.setdefault(row["scorer"], NA)
+            continue
         entry[row["scorer"]] = row["auc"]
         entry["samples"] = row["total"]
     columns = [("corruption", "corruption"), ("samples", "samples")]
@@ -303,7 +406,8 @@ def _types_f1(rows: list[dict]):
     rows = [r for r in rows if r["kind"] in ("mixed", "qc")]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     for row in rows:
-        out.setdefault(row["corruption"], {"corruption": row["corruption"]})[row["arm"]] = row["f1"]
+        value = NA if row.get("status") == NA else row["f1"]
+        out.setdefault(row["corruption"], {"corruption": row["corruption"]})[row["arm"]] = value
     return list(out.values()), [("corruption", "corruption")] + [(a, a) for a in arms]
 
 
@@ -313,22 +417,22 @@ def _types_f1(rows: list[dict]):
 def _plots(folder: Path, r: dict) -> dict[str, Path]:
     fed, selector, outcomes, arms = r["fed"], r["selector"], r["outcomes"], r["arms"]
     figures = {}
-    for scorer in selector.oriented:
-        s = get_scorer(scorer)
-        raw = [s.raw(selector.oriented[scorer][e]) for e in fed.entries]
+    for scorer in selector.scorers:
+        s = selector.scorer(scorer)
+        raw = [s.raw(o) for o in selector.scores(scorer, fed)[0]]
         lines = {}
         for arm in (a for a in arms if a.scorer == scorer):
             label = arm.rule or arm.kind
             lines[label] = [None if t is None else s.raw(t) for t in outcomes[arm.name].client_tau]
         figures[f"hist-{scorer}"] = plots.score_histograms(
-            folder / f"hist-{scorer}.png",
+            folder / f"hist-{_file(scorer)}.png",
             f"{scorer} scores per client, main federation (τ lines in {scorer} units)",
             raw,
             fed.clean,
             lines,
             f"{scorer} ({'higher' if s.direction > 0 else 'lower'} is better)",
         )
-    cont = [row for row in r["sweeps"]["contamination"] if row["scorer"]]
+    cont = [row for row in measured(r["sweeps"]["contamination"]) if row["scorer"]]
     if cont:
         keep_all = [row for row in r["sweeps"]["contamination"] if row["kind"] == "mixed"]
         scorers = dict.fromkeys(row["scorer"] for row in cont)
@@ -375,7 +479,7 @@ def _plots(folder: Path, r: dict) -> dict[str, Path]:
             ylabel="F1",
             err="f1_sd",
         )
-    qc = [t for t in r["sweeps"]["types"] if t["kind"] == "qc"]
+    qc = [t for t in measured(r["sweeps"]["types"]) if t["kind"] == "qc"]
     if qc:
         figures["types-f1"] = plots.grouped_bars(
             folder / "types-f1.png", qc, "f1", title="selection F1 by corruption type", ylabel="F1"
@@ -395,10 +499,24 @@ def _plots(folder: Path, r: dict) -> dict[str, Path]:
     return figures
 
 
+def _file(name: str) -> str:
+    """A scorer name as part of a file name (ensemble:ppl+ifd -> ensemble-ppl+ifd)."""
+    return name.replace(":", "-").replace("/", "_")
+
+
 # --- markdown and HTML -------------------------------------------------------------------------
 
 SECTIONS = [
     ("Setup", "setup", None),
+    (
+        "Checkpoint scorers: the warm-up",
+        "warmup",
+        "Checkpoint scorers (tracin, tracin-cos, datainf, icl, nuggets) score at the global "
+        "adapters of a federated warm-up on the main federation's unfiltered data; the anchors "
+        "that set τ give the mean anchor gradients ḡ_k (icl, nuggets: the prompt), and the "
+        "anchors are scored "
+        "at the same checkpoints. Their times are apart from the forward-only scoring.",
+    ),
     ("Main federation", "federation", None),
     (
         "Main table: every arm on the main federation",
@@ -415,7 +533,8 @@ SECTIONS = [
         "Contamination sweep (paper [B] Fig. 4)",
         "contamination",
         "Federations of the same pool at each corrupted share; anchor rules score the anchors on "
-        "the same (untrained) model, so their τ does not move with the share.",
+        "the same model, so their τ does not move with the share; the mixture fit's τ does (it "
+        "is fitted to each federation's histogram). n/a: not measured, see the last section.",
     ),
     ("Anchor-count sweep", "anchors", "Mean ± sd over random anchor draws."),
     (
@@ -424,6 +543,12 @@ SECTIONS = [
         "P(a clean sample scores above a corrupted one).",
     ),
     ("Corruption types: selection F1 (QC arms)", "types-f1", None),
+    (
+        "Not measured, or measured with a caveat",
+        "unmeasured",
+        "Where a sweep would change what a score depends on, the bench does not reuse the scores: "
+        "those rows are n/a (bench.rescore-checkpoints=true re-scores them, slowly).",
+    ),
 ]
 FIGURES = {
     "Main federation": ["hist-"],

@@ -1,5 +1,6 @@
-"""`fedqc bench` from start to end: data, one scoring pass, selection arms and sweeps, training
-arms, exact match, and the outputs (results.csv, results.md, plots, report.html)."""
+"""`fedqc bench` from start to end: data, one scoring pass, for checkpoint scorers a federated
+warm-up and scoring at its checkpoints, selection arms and sweeps, training arms, exact match, and
+the outputs (results.csv, results.md, plots, report.html, timing.json)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedqc.bench.arms import Arm, make_arms
+from fedqc.bench.checkpoints import CheckpointScores, Warmup, warm_up
 from fedqc.bench.config import BenchConfig
-from fedqc.bench.experiment import Experiment, Federation, Selector, make_federation
+from fedqc.bench.experiment import (
+    Experiment,
+    Federation,
+    ForwardScores,
+    Selector,
+    make_federation,
+)
 from fedqc.bench.generation import exact_match, final_number, generate
 from fedqc.bench.pool import BenchData, score_losses, split_data
 from fedqc.bench.publish import publish
@@ -20,6 +30,7 @@ from fedqc.config import Config
 from fedqc.data.partition import Member, parse_partition
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
+from fedqc.scoring.scorers import CHECKPOINT_SCORERS, batch_tokens_for
 
 log = logging.getLogger("fedqc.bench")
 
@@ -64,10 +75,38 @@ def run_bench(
         loaded, data.anchors, cfg.model.max_length, cfg.quality.batch_tokens, stages.advance
     )
     timing = {"scoring": time.perf_counter() - start}
-    _write_scores(run_dir / "scores.csv", data, entries, losses, scorers)
+    main_anchors = np.arange(d.num_anchors)
+    sources = {
+        s: ForwardScores(s, losses, anchor_losses) for s in scorers if s not in CHECKPOINT_SCORERS
+    }
+    warmup, checkpointed = None, {}
+    if bench.checkpoint_scorers:
+        w = bench.warmup_rounds
+        stages.stage(f"warm-up: {w} rounds of federated LoRA on the main federation, unfiltered")
+        clients = [[data.sample(m) for m in members] for members in fed.members]
+        warmup = warm_up(
+            cfg, w, clients, run_dir / "data" / "eval.jsonl", run_dir / "warmup", stages
+        )
+        timing["warm-up"] = warmup.seconds
+        for name in bench.checkpoint_scorers:
+            stages.stage(f"scoring the pool and the anchors at {w} checkpoints: {name}")
+            checkpointed[name] = sources[name] = CheckpointScores(
+                name,
+                loaded,
+                warmup,
+                data,
+                cfg.model.max_length,
+                batch_tokens_for(name, cfg.quality.batch_tokens, cfg.quality.backward_batch_tokens),
+                main_anchors,
+                bench.rescore_checkpoints,
+                stages,
+            )
+            checkpointed[name].prepare(fed)
+            timing[f"scoring {name}"] = checkpointed[name].seconds
+    selector = Selector([sources[s] for s in scorers], main_anchors)
+    _write_scores(run_dir / "scores.csv", data, entries, losses, selector)
 
     stages.stage("selection: every arm, and the sweeps")
-    selector = Selector(losses, anchor_losses, scorers)
     arms = make_arms(scorers, bench.list_of("rules"))
     experiment = Experiment(selector, arms, data, d.num_clients, types, d.seed, d.num_anchors)
     main_rows, outcomes = experiment.main(fed)
@@ -77,8 +116,13 @@ def run_bench(
         "anchors": experiment.anchor_sweep(fed, bench.anchor_counts, bench.anchor_repeats),
         "types": experiment.type_sweep(sweep, bench.type_rate),
     }
+    rescoring = sum(c.seconds for c in checkpointed.values()) - sum(
+        timing[f"scoring {n}"] for n in checkpointed
+    )
+    if rescoring:
+        timing["re-scoring for the sweeps"] = rescoring
     timing["selection"] = time.perf_counter() - start - sum(timing.values())
-    trained = _train_arms(cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages)
+    trained = _train_arms(cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages, warmup)
     timing["training"] = time.perf_counter() - start - sum(timing.values())
     em = _exact_match(bench, run_dir, loaded, data, trained, stages)
     timing["generation"] = time.perf_counter() - start - sum(timing.values())
@@ -104,7 +148,9 @@ def run_bench(
         sweeps=sweeps,
         train_rows=list(train_rows.values()),
         histories={name: t["history"] for name, t in trained.items() if t["history"]},
-        timing=timing | {"total": time.perf_counter() - start},
+        warmup=warmup,
+        mixed_from_warmup=bool(trained.get("mixed", {}).get("from_warmup")),
+        timing=_write_timing(run_dir, timing | {"total": time.perf_counter() - start}),
     )
 
 
@@ -133,10 +179,16 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
     return chosen
 
 
-def _train_arms(cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages) -> dict:
+def _train_arms(
+    cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages, warmup: Warmup | None
+) -> dict:
     trained = {}
     clients = [[data.sample(m) for m in members] for members in fed.members]
     for arm in arms_to_train(bench.train, arms, main_rows):
+        if arm.kind == "mixed" and warmup is not None and warmup.rounds == cfg.train.rounds:
+            # the warm-up was this very run: every sample, the same config and seed
+            trained[arm.name] = warmup.result | {"from_warmup": True}
+            continue
         stages.stage(f"training arm {arm.name}")
         trained[arm.name] = train_arm(
             cfg,
@@ -201,6 +253,7 @@ def _train_rows(arms: list[Arm], trained: dict, em: dict) -> dict[str, dict]:
             "eval_loss": final.get("eval_loss", math.nan),
             "eval_ppl": final.get("eval_ppl", math.nan),
             **em.get(name, {}),
+            **({"note": "the checkpoint scorers' warm-up run"} if t.get("from_warmup") else {}),
         }
     return rows
 
@@ -223,10 +276,19 @@ def _write_data(folder: Path, data: BenchData, fed: Federation) -> None:
     (folder / "federation.json").write_text(json.dumps({"clients": clients}, indent=1) + "\n")
 
 
-def _write_scores(path: Path, data: BenchData, entries, losses, scorers) -> None:
+def _write_timing(run_dir: Path, timing: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage, also as timing.json (to size a profile from its stages)."""
+    (run_dir / "timing.json").write_text(
+        json.dumps({k: round(v, 2) for k, v in timing.items()}, indent=1) + "\n"
+    )
+    return timing
+
+
+def _write_scores(path: Path, data: BenchData, entries, losses, selector: Selector) -> None:
+    """Every pool entry's losses and raw scores (with the main anchors; empty: not scored)."""
     from fedqc.report.tables import write_csv
 
-    raw = {s: losses.raw(s) for s in scorers}
+    raw = {s: selector.sources[s].pool_raw(selector.main_anchors) for s in selector.scorers}
     write_csv(
         path,
         [
@@ -236,7 +298,8 @@ def _write_scores(path: Path, data: BenchData, entries, losses, scorers) -> None
                 "truncated": bool(losses.truncated[j]),
                 "loss_cond": float(losses.cond[j]),
                 "loss_bare": float(losses.bare[j]),
-                **{s: float(raw[s][j]) for s in scorers},
+                "loss_end": float(losses.end[j]) if losses.end is not None else math.nan,
+                **{s: float(raw[s][j]) for s in raw},
             }
             for j, (i, kind) in enumerate(entries)
         ],

@@ -12,7 +12,8 @@ Columns = Sequence[tuple[str, str]]  # (row key, header)
 
 
 def fmt(value, digits: int = 3) -> str:
-    """None or NaN: "–"; floats with ``digits`` decimals (4 significant digits if large)."""
+    """None or NaN: "–"; floats with ``digits`` decimals (4 significant digits if large, or if
+    so small that the decimals would be all zeros)."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -20,7 +21,9 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "–"
-        return f"{value:.4g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+        if abs(value) >= 1000 or 0 < abs(value) < 10**-digits:
+            return f"{value:.4g}"  # large, or so small that the decimals would show 0.000
+        return f"{value:.{digits}f}"
     return str(value)
 
 
