@@ -334,7 +334,9 @@ def _score_at_checkpoints(warm, samples, anchors, moments: Path | None):
 
 
 def _not_ensemble(scorer: str) -> str:
-    if scorer.startswith(("ensemble:", "ensemble-min:")):
+    from fedqc.scoring.ensemble import is_ensemble
+
+    if is_ensemble(scorer):
         raise FedqcError(
             f"scorer '{scorer}' is calibrated on the anchors inside a run: use it with "
             "fedqc run --set quality.scorer=...; fedqc score takes the single scorers"

@@ -19,13 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from fedqc.errors import FedqcError
-from fedqc.scoring.scorers import HIGHER_IS_BETTER, SCORERS, Scorer
+from fedqc.scoring.scorers import ENSEMBLE_PREFIXES, HIGHER_IS_BETTER, SCORERS, Scorer
 
-COMBINATIONS = {"ensemble:": "mean", "ensemble-min:": "min"}
+COMBINATIONS = dict(zip(ENSEMBLE_PREFIXES, ("mean", "min"), strict=True))
 
 
 def is_ensemble(name: str) -> bool:
-    return name.startswith(tuple(COMBINATIONS))
+    return name.startswith(ENSEMBLE_PREFIXES)
 
 
 def _split(name: str) -> tuple[str, list[str]]:

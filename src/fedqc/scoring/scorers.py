@@ -22,6 +22,8 @@ from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
 
 HIGHER_IS_BETTER, LOWER_IS_BETTER = 1, -1
+# Ensemble scorer names start with one of these (``fedqc.scoring.ensemble``: mean, minimum).
+ENSEMBLE_PREFIXES = ("ensemble:", "ensemble-min:")
 
 
 def _needs_end(end: np.ndarray | None) -> np.ndarray:
@@ -164,7 +166,7 @@ def any_scorer(name: str) -> Scorer | CheckpointScorer:
     """A forward-only scorer, an ensemble (unit calibration) or a checkpoint scorer, by name."""
     if name in CHECKPOINT_SCORERS:
         return CHECKPOINT_SCORERS[name]
-    if name in SCORERS or name.startswith(("ensemble:", "ensemble-min:")):
+    if name in SCORERS or name.startswith(ENSEMBLE_PREFIXES):
         return get_scorer(name)
     raise FedqcError(
         f"unknown scorer '{name}'; choose one of: {', '.join([*SCORERS, *CHECKPOINT_SCORERS])}, "
@@ -183,7 +185,7 @@ def batch_tokens_for(scorer: str, batch_tokens: int, backward_batch_tokens: int)
 def get_scorer(name: str, calibration: list[float] | None = None) -> Scorer:
     """A scorer by name; an ensemble (``ensemble:a+b``, ``ensemble-min:a+b``) takes its anchor
     calibration (unit scales if None)."""
-    if name.startswith(("ensemble:", "ensemble-min:")):
+    if name.startswith(ENSEMBLE_PREFIXES):
         from fedqc.scoring.ensemble import components, ensemble_scorer
 
         return ensemble_scorer(name, calibration or [0.0, 1.0] * len(components(name)))
