@@ -20,7 +20,7 @@ from fedqc.bench.generation import exact_match, final_number
 from fedqc.bench.pool import BenchData, score_losses, split_data
 from fedqc.bench.publish import anchor_summary
 from fedqc.bench.run import arms_to_train, run_bench
-from fedqc.config import Config, ModelConfig
+from fedqc.config import Config, ModelConfig, QualityConfig
 from fedqc.data.partition import Partition
 from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
@@ -225,6 +225,15 @@ def test_arms_to_train_picks_the_best_qc_arm_by_f1():
     ]
     with pytest.raises(FedqcError, match="unknown arm 'ppl'"):
         arms_to_train("ppl", arms, rows)
+
+
+def test_arms_to_train_default_is_fedqc_runs_default_scorer_and_rule():
+    q = QualityConfig()
+    arms = make_arms(["ppl", q.scorer], ["anchor-mean", q.rule])
+    rows = [{"arm": a.name, "client": "all", "f1": 0.0} for a in arms]
+    assert [a.name for a in arms_to_train("default", arms, rows)] == [f"{q.scorer}/{q.rule}"]
+    with pytest.raises(FedqcError, match="the default arm .* needs its scorer in bench.scorers"):
+        arms_to_train("default", make_arms(["ppl"], ["anchor-mean"]), rows)
 
 
 def test_anchor_summary_mean_and_sd():

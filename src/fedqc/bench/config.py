@@ -38,7 +38,7 @@ UNSUPPORTED = {
         "`fedqc run --set quality.scorer=clues` for clues"
     ),
 }
-TRAIN_KEYWORDS = ("mixed", "oracle", "best", "all", "none")
+TRAIN_KEYWORDS = ("mixed", "oracle", "default", "best", "all", "none")
 
 
 @dataclass
@@ -64,9 +64,9 @@ class BenchConfig:
     anchor_sweep: str = "5,10,50"
     anchor_repeats: int = 5  # random anchor draws per anchor count
     type_rate: float = 0.5  # corrupted share of each single-type federation
-    # Training arms: names, or mixed / oracle / best (the QC arm with the best selection F1) /
-    # all (every arm) / none.
-    train: str = "mixed,oracle,best"
+    # Training arms: names, or mixed / oracle / default (`fedqc run`'s default scorer and rule) /
+    # best (the QC arm with the best selection F1, picked with the ground truth) / all / none.
+    train: str = "mixed,oracle,default"
     em_questions: int = 20  # held-out questions for greedy-generation exact match (0: off)
     max_new_tokens: int = 160
     source: str = ""  # a file of clean samples instead of GSM8K (any fedqc schema)
@@ -208,7 +208,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.local-steps": 2,
         "bench.em-questions": 20,
         "bench.max-new-tokens": 160,
-        "bench.train": "mixed,oracle,best",
+        "bench.train": "mixed,oracle,default",
     },
     # A big machine (fedqc runs on CPU today: hours): 1000 client samples, every corruption of each,
     # every arm trained.

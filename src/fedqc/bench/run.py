@@ -26,7 +26,7 @@ from fedqc.bench.generation import exact_match, final_number, generate
 from fedqc.bench.pool import BenchData, score_losses, split_data
 from fedqc.bench.publish import publish
 from fedqc.bench.train import arm_folder, load_adapter, train_arm, write_samples
-from fedqc.config import Config
+from fedqc.config import Config, QualityConfig
 from fedqc.data.partition import Member, parse_partition
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
@@ -154,9 +154,16 @@ def run_bench(
     )
 
 
+def default_arm() -> str:
+    """The arm of `fedqc run`'s default scorer and rule."""
+    q = QualityConfig()
+    return f"{q.scorer}/{q.rule}"
+
+
 def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm]:
-    """``mixed``, ``oracle``, ``best`` (the QC arm with the highest overall F1 on the main
-    federation; picked with the ground truth), ``all``, ``none``, or arm names."""
+    """``mixed``, ``oracle``, ``default`` (`fedqc run`'s default scorer and rule), ``best`` (the
+    QC arm with the highest overall F1 on the main federation; picked with the ground truth),
+    ``all``, ``none``, or arm names."""
     by_name = {a.name: a for a in arms}
     overall = {r["arm"]: r for r in main_rows if r["client"] == "all"}
     chosen: list[Arm] = []
@@ -165,6 +172,14 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
             continue
         if word == "all":
             picks = arms
+        elif word == "default":
+            name = default_arm()
+            if name not in by_name:
+                raise FedqcError(
+                    f"bench.train: the default arm {name} needs its scorer in bench.scorers and "
+                    "its rule in bench.rules"
+                )
+            picks = [by_name[name]]
         elif word == "best":
             qc = [a for a in arms if a.kind == "qc"]
             picks = [max(qc, key=lambda a: overall[a.name]["f1"])] if qc else []
@@ -172,8 +187,8 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
             picks = [by_name[word]]
         else:
             raise FedqcError(
-                f"bench.train: unknown arm '{word}'; use mixed, oracle, best, all, none or "
-                f"arm names such as {arms[-1].name}"
+                f"bench.train: unknown arm '{word}'; use mixed, oracle, default, best, all, "
+                f"none or arm names such as {arms[-1].name}"
             )
         chosen += [a for a in picks if a not in chosen]
     return chosen
