@@ -46,6 +46,8 @@ def own_data(tmp_path, tiny_model_dir, demo_dir):
                 "data.clients-dir": str(clients),
                 "data.anchors": str(demo_dir / "anchors.jsonl"),
                 "data.eval": str(demo_dir / "eval.jsonl"),
+                "quality.scorer": "ppl",  # the paper's method: 4 anchors, fixed τ in ppl units
+                "quality.rule": "anchor-mean",
                 **extra,
             }
         )
@@ -145,6 +147,7 @@ def test_non_finite_scores_are_rejected_and_counted(
             "model.max-length": 64,
             "data.clients-dir": str(demo_dir / "clients"),
             "data.num-clients": 2,
+            "quality.scorer": "ppl",
             "quality.rule": "fixed:1e9",  # every finite perplexity passes
             "train.rounds": 1,
             "train.local-steps": 1,
@@ -176,6 +179,7 @@ def test_long_samples_are_truncated_and_counted(tiny_model_dir, demo_dir, tmp_pa
             "model.max-length": max_length,
             "data.clients-dir": str(demo_dir / "clients"),
             "data.num-clients": 2,
+            "quality.scorer": "ppl",
             "quality.rule": "fixed:1e9",
             "train.rounds": 1,
             "train.local-steps": 1,
@@ -226,6 +230,7 @@ def cli_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> tuple[Path, dict]:
         "--set", f"data.clients-dir={demo_dir / 'clients'}",
         "--set", f"data.anchors={demo_dir / 'anchors.jsonl'}",
         "--set", "train.rounds=1", "--set", "train.local-steps=1",
+        "--set", "quality.scorer=ppl", "--set", "quality.rule=anchor-mean",
     ]  # fmt: skip
     started = {
         "duplicate-id": _start(
@@ -236,6 +241,8 @@ def cli_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> tuple[Path, dict]:
             f"data.clients-dir={cwd / 'clients'}",
             "--set",
             f"model.name={tiny_model_dir}",
+            "--set",
+            "quality.scorer=ppl",
             "--set",
             "quality.rule=fixed:5",
             "--out",
@@ -282,7 +289,7 @@ def test_fedqc_run_mistakes_give_one_line_and_exit_2(cli_runs, name, fragment):
 
 def test_allow_empty_and_force_reach_the_run_config(tmp_path, tiny_model_dir, demo_dir):
     sets = [f"model.name={tiny_model_dir}", f"data.clients-dir={demo_dir / 'clients'}"]
-    sets.append("quality.rule=fixed:5")
+    sets += ["quality.scorer=ppl", "quality.rule=fixed:5"]
     cfg, run_dir = open_run(None, sets, str(tmp_path / "run"), allow_empty=True)
     assert cfg.quality.allow_empty and not cfg.output.force
     assert (run_dir / "config.toml").is_file()
@@ -294,7 +301,7 @@ def test_allow_empty_and_force_reach_the_run_config(tmp_path, tiny_model_dir, de
 
 def test_output_run_dir_from_the_config_is_the_run_directory(tmp_path, tiny_model_dir, demo_dir):
     sets = [f"model.name={tiny_model_dir}", f"data.clients-dir={demo_dir / 'clients'}"]
-    sets += ["quality.rule=fixed:5", f"output.run-dir={tmp_path / 'chosen'}"]
+    sets += ["quality.scorer=ppl", "quality.rule=fixed:5", f"output.run-dir={tmp_path / 'chosen'}"]
     cfg, run_dir = open_run(None, sets, None)
     assert run_dir == tmp_path / "chosen" and cfg.output.run_dir == str(run_dir)
     assert (run_dir / "config.toml").is_file()

@@ -162,6 +162,7 @@ def finished(federation):
         "data.num-clients": 2,
         "data.anchors": str(federation["server"] / "anchors.jsonl"),
         "data.eval": str(federation["server"] / "eval.jsonl"),
+        "quality.scorer": "ppl",
         "quality.rule": "anchor-quantile:0.3",
         "train.rounds": 2,
         "train.local-steps": 20,

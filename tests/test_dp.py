@@ -32,6 +32,7 @@ def _config(tiny_model_dir, demo_dir, run_dir: Path, **extra) -> Config:
             "data.clients-dir": str(demo_dir / "clients"),
             "data.anchors": str(demo_dir / "anchors.jsonl"),
             "data.num-clients": 2,
+            "quality.scorer": "ppl",
             "quality.rule": "anchor-quantile:0.2",
             "train.rounds": 1,
             "train.local-steps": 2,

@@ -61,6 +61,7 @@ def base(federation, tiny_model_dir, demo_dir):
                 "data.clients-dir": str(folder / "clients"),
                 "data.eval": str(demo_dir / "eval.jsonl"),
                 "data.num-clients": 4,
+                "quality.scorer": "ppl",
                 "quality.rule": f"fixed:{tau!r}",
                 "train.rounds": 3,
                 "train.local-steps": 1,

@@ -24,6 +24,7 @@ def finished_run(tmp_path_factory, tiny_model_dir, demo_dir):
             "data.anchors": str(demo_dir / "anchors.jsonl"),
             "data.eval": str(demo_dir / "eval.jsonl"),
             "quality.scorer": "ifd",
+            "quality.rule": "anchor-mean",
             "train.rounds": 2,
             "train.local-steps": 2,
             "train.batch-size": 2,

@@ -35,6 +35,7 @@ def test_every_client_message_of_a_run_is_counts_and_adapter_only(
             "data.clients-dir": str(demo_dir / "clients"),
             "data.anchors": str(demo_dir / "anchors.jsonl"),
             "data.eval": str(demo_dir / "eval.jsonl"),
+            "quality.scorer": "ppl",
             "quality.rule": "anchor-quantile:0.2",
             "train.rounds": 1,
             "train.local-steps": 1,

@@ -38,6 +38,7 @@ def _settings(tiny_model_dir: Path) -> list[str]:
         "data.num-anchors=4",
         "data.num-eval=4",
         "data.contamination=0.3,0.5",
+        "quality.scorer=ppl",
         "quality.rule=anchor-quantile:0.3",
         f"train.rounds={ROUNDS}",
         "train.local-steps=2",

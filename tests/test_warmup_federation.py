@@ -41,6 +41,7 @@ def _config(tiny_model_dir, demo_dir, run_dir, **extra) -> Config:
             "data.eval": str(demo_dir / "eval.jsonl"),
             "data.num-clients": 2,
             "quality.warmup-rounds": 2,
+            "quality.rule": "anchor-mean",
             "train.rounds": 1,
             "train.local-steps": 1,
             "train.batch-size": 2,
@@ -263,7 +264,8 @@ def test_cli_score_and_threshold_use_a_runs_warm_up(tracin_run, demo_dir, tiny_m
     assert isinstance(missing.exception, FedqcError) and "--warmup RUN_DIR" in str(
         missing.exception
     )
-    result = invoke("threshold", anchors, "--scorer", "tracin", "--warmup", run_dir, *common)
+    args = ("threshold", anchors, "--scorer", "tracin", "--rule", "anchor-mean")
+    result = invoke(*args, "--warmup", run_dir, *common)
     assert result.exit_code == 0, result.output
     threshold = json.loads((run_dir / "threshold.json").read_text())
     tau = float(result.stdout.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedqc.bench.command import bench
-from fedqc.config import Config, ModelConfig, load_config
+from fedqc.config import Config, ModelConfig, QualityConfig, load_config
 from fedqc.errors import FedqcError
 
 app = typer.Typer(
@@ -357,7 +357,7 @@ def threshold(
     rule: Annotated[
         str,
         typer.Option(help="anchor-mean, anchor-quantile:Q, anchor-conformal:A or fixed:V."),
-    ] = "anchor-mean",
+    ] = QualityConfig().rule,
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
     warmup: WarmupOpt = None,
