@@ -39,7 +39,7 @@ engine also on half of those: its peak follows the largest batch (at most ``--ba
 padded tokens, printed beside it), not the number of samples.
 
     .venv/bin/python benchmarks/gradient_scoring.py [--samples 64] [--loop-samples 16]
-        [--memory-samples 16] [--repeats 1] [--threads 2] [--batch-tokens 4096]
+        [--memory-samples 16] [--repeats 1] [--threads 2] [--batch-tokens 1024]
 """
 
 from __future__ import annotations
@@ -220,7 +220,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--max-length", type=int, default=ModelConfig().max_length)
-    parser.add_argument("--batch-tokens", type=int, default=QualityConfig().batch_tokens)
+    parser.add_argument(  # what fedqc uses for the gradient scorers
+        "--batch-tokens", type=int, default=QualityConfig().backward_batch_tokens
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
