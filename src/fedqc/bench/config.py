@@ -38,7 +38,6 @@ UNSUPPORTED = {
         "`fedqc run --set quality.scorer=clues` for clues"
     ),
 }
-TRAIN_KEYWORDS = ("mixed", "oracle", "default", "best", "all", "none")
 
 
 @dataclass

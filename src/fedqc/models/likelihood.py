@@ -18,8 +18,26 @@ from peft import PeftModel
 from fedqc.data.encoding import Batch, Encoded, token_budget_batches
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM itself (a PEFT model's base model, with the LoRA layers in it)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def response_token_nll(
+    lm: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of every response token, flattened row by row, and the (rows, T-1) response mask.
+
+    ``hidden``: the backbone's last hidden states (rows, T, d); the output head runs only where
+    the next token is a response token (label ≠ -100).
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets[keep], reduction="none"), keep
 
 
 def batch_nll(model: torch.nn.Module, batch: Batch, last: bool = False) -> tuple[torch.Tensor, ...]:
@@ -27,16 +45,10 @@ def batch_nll(model: torch.nn.Module, batch: Batch, last: bool = False) -> tuple
 
     ``last``: also the NLL of each row's last response token (NaN for a row without one).
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    nll = F.cross_entropy(logits, targets[keep], reduction="none")
+    nll, keep = response_token_nll(lm, hidden, batch.labels)
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(len(batch.indices), dtype=nll.dtype).index_add(0, rows, nll)
     counts = keep.sum(dim=1)

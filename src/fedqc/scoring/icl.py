@@ -27,19 +27,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from peft import PeftModel
 from transformers import DynamicCache
 
 from fedqc.data.encoding import Batch, Encoded, collate
 from fedqc.errors import FedqcError
-from fedqc.models.likelihood import response_nll
+from fedqc.models.likelihood import causal_lm, response_nll, response_token_nll
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _lm(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def anchor_prefix(
@@ -61,7 +55,7 @@ def anchor_prefix(
 
 
 def _prefix_kv(model: torch.nn.Module, prefix: Sequence[int]) -> KV:
-    lm = _lm(model)
+    lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     out = backbone(input_ids=torch.tensor([list(prefix)]), use_cache=True)
     return [(layer.keys, layer.values) for layer in out.cache.layers]
@@ -87,7 +81,7 @@ def _nll_after_prefix(
     model: torch.nn.Module, kv: KV, batch: Batch
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed response NLL and token counts of each row, every row preceded by the cached prefix."""
-    lm = _lm(model)
+    lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
     rows, p = batch.input_ids.shape[0], kv[0][0].shape[-2]
     cache = DynamicCache(
@@ -100,19 +94,13 @@ def _nll_after_prefix(
     hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, cache=cache, use_cache=True)[
         0
     ]
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    nll = F.cross_entropy(logits, targets[keep], reduction="none")
+    nll, keep = response_token_nll(lm, hidden, batch.labels)
     sums = torch.zeros(rows, dtype=nll.dtype).index_add(0, keep.nonzero()[:, 0], nll)
     return sums.double().numpy(), keep.sum(dim=1).numpy()
 
 
 def _check_positions(model: torch.nn.Module, prefix_len: int, encoded: Sequence[Encoded]) -> None:
-    limit = getattr(_lm(model).config, "max_position_embeddings", None)
+    limit = getattr(causal_lm(model).config, "max_position_embeddings", None)
     longest = prefix_len + max((len(e.input_ids) for e in encoded), default=0)
     if limit and longest > limit:
         raise FedqcError(
