@@ -27,6 +27,7 @@ from fedqc.federation.protocol import (
 from fedqc.federation.server_app import run_server
 from fedqc.federation.warmup import WARMUP_FILE, anchor_side, load_warmup, settings_for
 from fedqc.models.loading import load
+from fedqc.pipeline import prepare_resume
 from fedqc.scoring.checkpointed import score_with_checkpoints
 
 
@@ -52,6 +53,14 @@ def _config(tiny_model_dir, demo_dir, run_dir, **extra) -> Config:
             **extra,
         }
     )
+
+
+TWO_WARMUP_ROUNDS_THEN_ONE = [("warmup", 1), ("warmup", 2), (None, 0), (None, 1)]
+
+
+def _phases(rows: list[dict]) -> list[tuple[str | None, int]]:
+    """(phase, round) of each metrics row: "warmup" for warm-up rounds, None for phase 2."""
+    return [(r.get("phase"), r["round"]) for r in rows]
 
 
 class Capture:
@@ -95,12 +104,7 @@ def test_warm_up_rounds_are_federated_recorded_and_labelled(tracin_run):
     for c in warm["checkpoints"]:
         assert (run_dir / c["adapter"] / "adapter_model.safetensors").is_file()
     rows = json.loads((run_dir / "metrics.json").read_text())
-    assert [(r.get("phase"), r["round"]) for r in rows] == [
-        ("warmup", 1),
-        ("warmup", 2),
-        (None, 0),
-        (None, 1),
-    ]
+    assert _phases(rows) == TWO_WARMUP_ROUNDS_THEN_ONE
     assert all(r["eval_loss"] > 0 and len(r["train_answered"]) == 2 for r in rows[:2])
     checkpoints = load_warmup(run_dir)
     assert not torch.equal(*(c.adapter[next(iter(c.adapter))] for c in checkpoints))
@@ -232,13 +236,7 @@ def test_a_clues_run_resumes_with_the_moments_saved_on_the_nodes(
         (c["total"], c["kept"]) for c in first["clients"]
     ]
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [(r.get("phase"), r["round"]) for r in rows] == [
-        ("warmup", 1),
-        ("warmup", 2),
-        (None, 0),
-        (None, 1),
-        (None, 2),
-    ]
+    assert _phases(rows) == [*TWO_WARMUP_ROUNDS_THEN_ONE, (None, 2)]
     # the server's side of clues: the anchors preconditioned by its own warm-up Adam steps
     loaded = load(cfg.model)
     anchors = load_samples(demo_dir / "anchors.jsonl")
@@ -281,3 +279,47 @@ def test_cli_score_and_threshold_use_a_runs_warm_up(tracin_run, demo_dir, tiny_m
     np.testing.assert_allclose(got, [r["score"] for r in local], rtol=1e-5)
     clues = ("score", data, "--scorer", "clues", "--warmup", run_dir, "--anchors", anchors)
     assert "--moments NODE_DIR" in str(invoke(*clues, "--out", tmp_path / "c.jsonl").exception)
+
+
+def test_a_run_stopped_in_its_warm_up_resumes_from_the_last_warm_up_round(
+    tracin_run, tmp_path, tiny_model_dir, demo_dir
+):
+    extra = {"quality.scorer": "tracin", "quality.rule": "mixture", "federation.min-nodes": 2}
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    run_dir = tmp_path / "run"
+    grid = LocalGrid(build_client_app(cfg), 2, dies={1: (TRAIN_WARMUP, 2)})
+    with pytest.raises(FedqcError, match="round 2: only 1 of 2 nodes answered"):
+        run_server(grid, cfg, QuietStages())
+    saved = json.loads((run_dir / WARMUP_FILE).read_text())
+    assert [c["round"] for c in saved["checkpoints"]] == [1] and saved["planned"] == 2
+    with pytest.raises(FedqcError, match="stopped after 1 of 2 rounds"):
+        load_warmup(run_dir)  # fedqc score --warmup refuses a warm-up that did not finish
+
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    resumed = prepare_resume(run_dir)  # fedqc run --resume: no phase-2 checkpoint is needed
+    again = LocalGrid(build_client_app(resumed), 2)  # restarted nodes
+    run_server(again, resumed, QuietStages())
+    warmup_messages = [(pid, r) for pid, kind, r in again.delivered if kind == TRAIN_WARMUP]
+    assert warmup_messages == [(0, 1), (1, 1)]  # one round left: both nodes, once
+    # the resumed warm-up ends where the uninterrupted one did, bit for bit
+    expected, got = load_warmup(tracin_run[2]), load_warmup(run_dir)
+    assert [c.lr for c in got] == [c.lr for c in expected]
+    for a, b in zip(expected, got, strict=True):
+        assert all(torch.equal(a.adapter[k], b.adapter[k]) for k in a.adapter)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert _phases(rows) == TWO_WARMUP_ROUNDS_THEN_ONE
+
+
+def test_a_run_stopped_before_its_first_training_checkpoint_keeps_its_warm_up(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    extra = {"quality.scorer": "tracin-cos", "federation.min-nodes": 2}
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    grid = LocalGrid(build_client_app(cfg), 2, dies={0: ("train", 1)})
+    with pytest.raises(FedqcError, match="round 1: only 1 of 2 nodes answered"):
+        run_server(grid, cfg, QuietStages())
+    (tmp_path / "run" / "config.toml").write_text(cfg.to_toml())
+    again = LocalGrid(build_client_app(cfg), 2)
+    run_server(again, prepare_resume(tmp_path / "run"), QuietStages())
+    assert {k for _, k, _ in again.delivered} == {"query.score", "train"}  # no new warm-up
+    assert load_checkpoint(tmp_path / "run")[0]["round"] == 1

@@ -41,8 +41,10 @@ from fedqc.federation.warmup import (
     WARMUP_DIR,
     WARMUP_FILE,
     anchor_side,
+    finished_warmup,
     load_warmup,
     query_payload,
+    resumes_from_warmup,
     run_warmup,
 )
 from fedqc.models.loading import load, set_adapter_state
@@ -121,8 +123,13 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         checkpoints = load_warmup(run_dir)
     elif is_checkpoint_scorer(scorer.name):
         w = cfg.quality.warmup_rounds
-        stages.stage(f"warm-up: {w} federated LoRA rounds on the unfiltered data", w)
-        checkpoints, rows = run_warmup(cfg, grid, loaded, run_dir, nodes, eval_set, stages.advance)
+        done = finished_warmup(run_dir, cfg) if cfg.output.resume else ([], [])
+        if done[0]:
+            log.info("resuming the warm-up after round %d of %d", len(done[0]), w)
+        stages.stage(f"warm-up: {w} federated LoRA rounds on the unfiltered data", w - len(done[0]))
+        checkpoints, rows = run_warmup(
+            cfg, grid, loaded, run_dir, nodes, eval_set, stages.advance, done
+        )
         history.extend(rows)
 
     # Phase 1, server: score the anchors and set τ (a resumed run reuses the saved τ).
@@ -202,6 +209,7 @@ def _run_dir(cfg: Config) -> Path:
             )
         for name in (CHECKPOINT_DIR, "rounds", "adapter", WARMUP_DIR):  # no stale rounds
             shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / WARMUP_FILE).unlink(missing_ok=True)  # nor a stale warm-up to resume from
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -209,6 +217,8 @@ def _run_dir(cfg: Config) -> Path:
 def _resume_state(run_dir: Path, cfg: Config) -> tuple[dict, ArrayRecord] | None:
     if not cfg.output.resume:
         return None
+    if resumes_from_warmup(run_dir, cfg):
+        return None  # stopped before phase 2's first checkpoint: reuse the warm-up, redo the rest
     state, arrays = load_checkpoint(run_dir)
     check_resumable(state["config"], cfg.to_flat())
     if state["round"] > cfg.train.rounds:

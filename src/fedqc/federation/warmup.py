@@ -8,8 +8,10 @@ Server side:
   η_k = round_lr(train.lr, train.lr-schedule, k, W). Each θ_k is saved to
   ``RUN_DIR/warmup/round-k`` (a PEFT folder, plus ``checkpoint.safetensors``: θ_k bit for bit under
   the names it was sent with) and ``RUN_DIR/warmup.json`` lists them (round, η_k, SHA-256) with the
-  per-round metrics; :func:`load_warmup` reads them back (resume, ``fedqc score/threshold
-  --warmup RUN_DIR``).
+  per-round metrics, rewritten after every round; :func:`load_warmup` reads a finished warm-up back
+  (resume, ``fedqc score/threshold --warmup RUN_DIR``). A run stopped before phase 2's first
+  checkpoint resumes from its last finished warm-up round (:func:`finished_warmup`,
+  :func:`resumes_from_warmup`): those rounds are not trained again.
 - :func:`anchor_side`: the anchor info (the K mean anchor gradients, or the anchors' tokens for icl
   and nuggets) and the anchors' own scores, at the same checkpoints and settings as the clients.
   For ``clues`` the server preconditions the anchors with Adam moments from its own warm-up steps
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,13 +47,14 @@ from fedqc.config import Config
 from fedqc.data.encoding import Encoded, encode_all
 from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
+from fedqc.federation.checkpoint import has_checkpoint
 from fedqc.federation.protocol import ANCHOR_INFO_RECORD, CHECKPOINT_RECORD, TRAIN_WARMUP
 from fedqc.federation.strategy import ParticipationGrid, build_strategy
 from fedqc.models.assets import sha256_of
 from fedqc.models.loading import LoadedModel, set_adapter_state
 from fedqc.scoring.checkpointed import AnchorInfo, prepare_anchor_info, score_with_checkpoints
 from fedqc.scoring.gradient import Checkpoint, ScoringSettings, applied, moments_from_optimizer
-from fedqc.scoring.scorers import Scores, batch_tokens_for
+from fedqc.scoring.scorers import Scores, batch_tokens_for, is_checkpoint_scorer
 from fedqc.train.local import evaluate, round_lr, train_steps_with_optimizer
 
 WARMUP_DIR = "warmup"
@@ -77,22 +81,30 @@ def run_warmup(
     nodes: list[int],
     eval_set: list[Encoded],
     on_round: Callable[[], None],
+    done: tuple[list[Checkpoint], list[dict]] = ([], []),
 ) -> tuple[list[Checkpoint], list[dict]]:
-    """W FedAvg rounds on the unfiltered data: (checkpoints θ_k with η_k, metrics rows)."""
+    """W FedAvg rounds on the unfiltered data: (checkpoints θ_k with η_k, metrics rows).
+
+    ``done``: the rounds an interrupted run finished (:func:`finished_warmup`); the warm-up goes
+    on from the last of them, with the same round numbers, seeds and η_k.
+    """
     w, t = cfg.quality.warmup_rounds, cfg.train
+    checkpoints, rows = list(done[0]), list(done[1])
+    offset = len(checkpoints)
+    if offset >= w:
+        return checkpoints, rows
     clients = {n: -1 for n in nodes}  # partition ids come later (query round): order by node id
-    strategy = build_strategy(cfg, clients, grid, 0, TRAIN_WARMUP)
+    strategy = build_strategy(cfg, clients, grid, offset, TRAIN_WARMUP)
     base = getattr(strategy, "strategy", strategy)
-    checkpoints: list[Checkpoint] = []
-    rows: list[dict] = []
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        k = server_round + offset
         adapter = arrays.to_torch_state_dict()
-        lr = round_lr(t.lr, t.lr_schedule, server_round, w)
+        lr = round_lr(t.lr, t.lr_schedule, k, w)
         checkpoints.append(Checkpoint(adapter, lr))
-        folder = run_dir / WARMUP_DIR / f"round-{server_round}"
+        folder = run_dir / WARMUP_DIR / f"round-{k}"
         set_adapter_state(loaded.model, adapter)
         loaded.model.save_pretrained(folder)  # a PEFT folder, for people and tools
         save_file(adapter, str(folder / CHECKPOINT_FILE))  # θ_k bit for bit, under its own names
@@ -100,15 +112,16 @@ def run_warmup(
         if eval_set:
             pad = loaded.tokenizer.pad_token_id
             metrics = evaluate(loaded.model, eval_set, pad, cfg.quality.batch_tokens)
-        row: dict = {"phase": "warmup", "round": server_round, "lr": lr, **metrics}
-        for key, value in base.train_metrics.get(server_round, {}).items():
+        row: dict = {"phase": "warmup", "round": k, "lr": lr, **metrics}
+        for key, value in base.train_metrics.get(k, {}).items():
             row[f"train_{key.replace('-', '_')}"] = value
-        exchange = grid.of_round(server_round, TRAIN_WARMUP)
+        exchange = grid.of_round(k, TRAIN_WARMUP)
         if exchange is not None:
             row["train_sampled"] = exchange["sampled"]
             row["train_answered"] = exchange["answered"]
             row["train_dropped"] = [d["node"] for d in exchange["dropped"]]
         rows.append(row)
+        _write_warmup(run_dir, checkpoints, rows, w)
         on_round()
         return MetricRecord(metrics) if metrics else None
 
@@ -121,45 +134,44 @@ def run_warmup(
             "weight-decay": t.weight_decay,
             "seed": t.seed,
             "max-length": cfg.model.max_length,
-            "round-offset": 0,
+            "round-offset": offset,
             "total-rounds": w,
         }
     )
     grid.min_answers = {TRAIN_WARMUP: min(cfg.federation.min_nodes, len(nodes))}
+    start = checkpoints[-1].adapter if checkpoints else loaded.initial_adapter
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(loaded.initial_adapter),
-        num_rounds=w,
+        initial_arrays=ArrayRecord(dict(start)),
+        num_rounds=w - offset,
         timeout=cfg.federation.timeout,
         train_config=train_config,
         evaluate_fn=evaluate_fn,
     )
     grid.round = 0
     loaded.reset_adapter()
-    _write_warmup(run_dir, checkpoints, rows)
     return checkpoints, rows
 
 
-def _write_warmup(run_dir: Path, checkpoints: list[Checkpoint], rows: list[dict]) -> None:
+def _write_warmup(run_dir: Path, checkpoints: list[Checkpoint], rows: list[dict], w: int) -> None:
+    """warmup.json after each round, by an atomic rename: a crash leaves the last finished round."""
     entries = []
     for k, ckpt in enumerate(checkpoints, 1):
         folder = f"{WARMUP_DIR}/round-{k}"
         sha = sha256_of(run_dir / folder / CHECKPOINT_FILE)
         entries.append({"round": k, "lr": ckpt.lr, "adapter": folder, "sha256": sha})
-    data = {"rounds": len(checkpoints), "checkpoints": entries, "metrics": rows}
-    (run_dir / WARMUP_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    data = {"rounds": len(checkpoints), "planned": w, "checkpoints": entries, "metrics": rows}
+    tmp = run_dir / f".{WARMUP_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, run_dir / WARMUP_FILE)
 
 
-def load_warmup(run_dir: Path) -> list[Checkpoint]:
-    """The checkpoints a run saved (θ_k and η_k), checked against their recorded SHA-256."""
+def _read_warmup(run_dir: Path) -> tuple[dict, list[Checkpoint]]:
+    """(warmup.json, its checkpoints θ_k with η_k), checked against their recorded SHA-256."""
     path = Path(run_dir) / WARMUP_FILE
-    if not path.is_file():
-        raise FedqcError(
-            f"{run_dir}: holds no warm-up checkpoints ({WARMUP_FILE} is missing); give the run "
-            "directory of a fedqc run with a checkpoint scorer (tracin, clues, ...)"
-        )
     try:
-        entries = json.loads(path.read_text())["checkpoints"]
+        data = json.loads(path.read_text())
+        entries = data["checkpoints"]
         files = [Path(run_dir) / e["adapter"] / CHECKPOINT_FILE for e in entries]
         lrs = [float(e["lr"]) for e in entries]
         ok = bool(entries) and all(
@@ -169,7 +181,48 @@ def load_warmup(run_dir: Path) -> list[Checkpoint]:
         ok = False
     if not ok:
         raise FedqcError(f"{path}: the warm-up checkpoints are damaged or changed since the run")
-    return [Checkpoint(load_file(str(f)), lr) for f, lr in zip(files, lrs, strict=True)]
+    return data, [Checkpoint(load_file(str(f)), lr) for f, lr in zip(files, lrs, strict=True)]
+
+
+def load_warmup(run_dir: Path) -> list[Checkpoint]:
+    """The checkpoints of a run's finished warm-up (θ_k and η_k), checked against their SHA-256."""
+    if not (Path(run_dir) / WARMUP_FILE).is_file():
+        raise FedqcError(
+            f"{run_dir}: holds no warm-up checkpoints ({WARMUP_FILE} is missing); give the run "
+            "directory of a fedqc run with a checkpoint scorer (tracin, clues, ...)"
+        )
+    data, checkpoints = _read_warmup(run_dir)
+    planned = int(data.get("planned", len(checkpoints)))
+    if len(checkpoints) < planned:
+        raise FedqcError(
+            f"{run_dir}: its warm-up stopped after {len(checkpoints)} of {planned} rounds; "
+            f"finish the run first (fedqc run --resume {run_dir})"
+        )
+    return checkpoints
+
+
+def resumes_from_warmup(run_dir: Path, cfg: Config) -> bool:
+    """True for a checkpoint-scorer run stopped before phase 2's first checkpoint, with warm-up
+    rounds on disk: a resume reuses them and runs the rest again."""
+    return (
+        is_checkpoint_scorer(cfg.quality.scorer)
+        and not has_checkpoint(Path(run_dir))
+        and (Path(run_dir) / WARMUP_FILE).is_file()
+    )
+
+
+def finished_warmup(run_dir: Path, cfg: Config) -> tuple[list[Checkpoint], list[dict]]:
+    """(checkpoints, metrics rows) of the warm-up rounds a stopped run finished; none if none."""
+    if not (Path(run_dir) / WARMUP_FILE).is_file():
+        return [], []
+    data, checkpoints = _read_warmup(run_dir)
+    w = cfg.quality.warmup_rounds
+    if int(data.get("planned", w)) != w or len(checkpoints) > w:
+        raise FedqcError(
+            f"{run_dir / WARMUP_FILE}: made for {data.get('planned')} warm-up rounds, this run "
+            f"has quality.warmup-rounds = {w}"
+        )
+    return checkpoints, list(data["metrics"])
 
 
 def settings_for(cfg: Config, loaded: LoadedModel) -> ScoringSettings:
