@@ -45,6 +45,7 @@ def test_ensemble_is_calibrated_on_the_server_and_used_unchanged_by_clients(
     assert len(calibration) == 2 * len(name.split("+")) and all(np.isfinite(calibration))
     # 4 anchors, α = 0.2: τ is the ⌊0.2·5⌋ = 1st smallest calibrated anchor score
     assert threshold["tau"] == min(threshold["anchor_scores"])
+    assert "exchangeable with the 4 anchors" in threshold["guarantee"]  # the rule's promise
 
     loaded = load(ModelConfig(name=str(tiny_model_dir), max_length=512))
     scorer = get_scorer(name, calibration)

@@ -7,7 +7,13 @@ import pytest
 
 from fedqc.errors import FedqcError
 from fedqc.quality.mixture import fit_mixture, histogram, histogram_edges
-from fedqc.quality.rules import conformal_threshold, global_threshold, parse_rule
+from fedqc.quality.rules import (
+    conformal_threshold,
+    gaussian_threshold,
+    global_threshold,
+    guarantee,
+    parse_rule,
+)
 from fedqc.scoring.scorers import SCORERS
 
 
@@ -66,3 +72,33 @@ def test_mixture_rule_parses_and_needs_histograms():
     assert rule.needs_histograms and rule.needs_anchors
     with pytest.raises(ValueError):
         global_threshold(rule, SCORERS["ppl"], np.zeros(3))
+
+
+def test_gaussian_is_the_lower_prediction_bound_of_the_anchor_scores():
+    anchors = np.arange(10.0)  # mean 4.5, sd 3.0277; t(0.9; 9) = 1.3830 (tables)
+    expected = 4.5 - 1.3830 * 3.02765 * np.sqrt(1 + 1 / 10)
+    assert gaussian_threshold(anchors, 0.1) == pytest.approx(expected, abs=1e-3)
+    rule = parse_rule("anchor-gaussian:0.1")
+    assert global_threshold(rule, SCORERS["ira"], anchors) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(FedqcError, match="needs at least 2 anchors"):
+        gaussian_threshold(np.array([1.0]), 0.1)
+
+
+def test_gaussian_rejects_alpha_of_normal_clean_samples_and_varies_less_than_conformal():
+    rng = np.random.default_rng(0)
+    rejected, taus = [], {"gaussian": [], "conformal": []}
+    for _ in range(4000):
+        anchors = rng.normal(size=10)
+        tau = gaussian_threshold(anchors, 0.1)
+        rejected.append(rng.normal() < tau)
+        taus["gaussian"].append(tau)
+        taus["conformal"].append(conformal_threshold(anchors, 0.1))
+    assert abs(np.mean(rejected) - 0.1) < 0.015  # exact under normality
+    assert np.std(taus["gaussian"]) < 0.8 * np.std(taus["conformal"])
+
+
+def test_every_rule_states_what_it_promises():
+    assert "at most 0.1" in guarantee(parse_rule("anchor-conformal:0.1"), 10)
+    assert "normal" in guarantee(parse_rule("anchor-gaussian:0.05"), 10)
+    for text in ("anchor-mean", "anchor-quantile:0.1", "mixture", "fixed:3", "drop-fraction:0.2"):
+        assert guarantee(parse_rule(text), 10)

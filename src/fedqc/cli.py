@@ -141,6 +141,8 @@ def _print_summary(summary: dict, cfg: Config) -> None:
         f"\n[bold]scorer[/] {th['scorer']} ({th['direction']})   [bold]rule[/] "
         f"{th['rule']}   [bold]τ[/] {tau}"
     )
+    if th.get("guarantee"):
+        console.print(f"[dim]{th['guarantee']}[/]")
     table = Table(title="Selection per client (clean = positive)")
     for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
         table.add_column(col, justify="right")
@@ -356,15 +358,19 @@ def threshold(
     ],
     rule: Annotated[
         str,
-        typer.Option(help="anchor-mean, anchor-quantile:Q, anchor-conformal:A or fixed:V."),
+        typer.Option(
+            help="anchor-mean, anchor-quantile:Q, anchor-conformal:A, anchor-gaussian:A or fixed:V."
+        ),
     ] = QualityConfig().rule,
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
     warmup: WarmupOpt = None,
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
+    import numpy as np
+
     from fedqc.data.samples import load_samples
-    from fedqc.quality.rules import global_threshold, parse_rule
+    from fedqc.quality.rules import global_threshold, guarantee, parse_rule
     from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
     _setup_logging(False)
@@ -391,6 +397,8 @@ def threshold(
     tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
     keep = "≥" if chosen.direction > 0 else "≤"
     err_console.print(f"{chosen.name} {parsed}: keep samples with {chosen.name} {keep} τ")
+    n = 0 if scores is None else int(np.isfinite(scores.oriented).sum())
+    err_console.print(guarantee(parsed, n))
     print(f"{chosen.raw(tau):.6g}")
 
 

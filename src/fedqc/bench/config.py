@@ -24,10 +24,10 @@ from fedqc.quality.rules import Rule, conformal_threshold, parse_rule
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, get_scorer
 
 # The rules the bench compares: τ from the anchors, or the federation-wide histogram fit.
-ANCHOR_RULES = ("anchor-mean", "anchor-quantile", "anchor-conformal", "mixture")
+ANCHOR_RULES = ("anchor-mean", "anchor-quantile", "anchor-conformal", "anchor-gaussian", "mixture")
 # end-loss alone is left out: it has no value for a sample cut at model.max-length.
 DEFAULT_SCORERS = "ppl,cond-prob,ifd,ira,ensemble:ppl+ifd,ensemble-min:cond-prob+ifd+end-loss"
-DEFAULT_RULES = "anchor-mean,anchor-quantile:0.1,anchor-conformal:0.1,mixture"
+DEFAULT_RULES = "anchor-mean,anchor-quantile:0.1,anchor-conformal:0.1,anchor-gaussian:0.1,mixture"
 # Checkpoint scorers the bench cannot run faithfully, and why.
 UNSUPPORTED = {
     "clues": (

@@ -49,7 +49,7 @@ from fedqc.federation.warmup import (
 )
 from fedqc.models.loading import load, set_adapter_state
 from fedqc.quality.mixture import histogram_edges
-from fedqc.quality.rules import global_threshold, parse_rule
+from fedqc.quality.rules import global_threshold, guarantee, parse_rule
 from fedqc.scoring.ensemble import calibrate, is_ensemble
 from fedqc.scoring.scorers import (
     any_scorer,
@@ -297,12 +297,14 @@ def _threshold(
         tau, extra["edges"] = None, histogram_edges(oriented).tolist()
     else:
         tau = global_threshold(rule, scorer, oriented)
+    n_anchors = 0 if oriented is None else sum(math.isfinite(x) for x in oriented.tolist())
     _write_json(
         run_dir / "threshold.json",
         {
             "scorer": scorer.name,
             "direction": "higher is better" if scorer.direction > 0 else "lower is better",
             "rule": str(rule),
+            "guarantee": guarantee(rule, n_anchors),
             "tau": tau,
             "tau_raw": None if tau is None else scorer.raw(tau),
             "anchor_scores": None

@@ -7,6 +7,12 @@
 - ``anchor-conformal:α``: τ = the ⌊α(n+1)⌋-th smallest of the n anchor scores. If a clean sample
   is exchangeable with the anchors (drawn from the same distribution, scored by the same model),
   it falls below τ — and is rejected — with probability at most α. α < 1/(n+1) is refused.
+- ``anchor-gaussian:α``: τ = m − t(1−α; n−1) · s · √(1 + 1/n), the one-sided 1−α lower prediction
+  bound of a normal sample (m, s: the n anchor scores' mean and standard deviation; t: Student's t
+  quantile). If the anchors' and clean samples' scores are independent draws of one normal
+  distribution, a clean sample is rejected with probability exactly α. It uses every anchor, not
+  one order statistic, so τ varies less from one anchor draw to the next; the price is the
+  normality assumption. Needs n ≥ 2.
 - ``mixture``: τ where a two-component fit of the federation's score histogram (clients send
   counts over fixed bins; anchors are known-clean points) finds clean and corrupted equally
   likely; see :mod:`fedqc.quality.mixture`. Needs no contamination rate.
@@ -18,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from fedqc.errors import FedqcError
 from fedqc.scoring.scorers import Scorer
@@ -26,6 +33,7 @@ RULES = (
     "anchor-mean",
     "anchor-quantile:Q",
     "anchor-conformal:A",
+    "anchor-gaussian:A",
     "mixture",
     "fixed:V",
     "drop-fraction:P",
@@ -57,7 +65,7 @@ def parse_rule(text: str) -> Rule:
     kind, _, arg = text.strip().partition(":")
     if kind in {"anchor-mean", "mixture"} and not arg:
         return Rule(kind)
-    if kind in {"anchor-quantile", "anchor-conformal", "fixed", "drop-fraction"} and arg:
+    if kind in {"anchor-quantile", "anchor-conformal", "anchor-gaussian", "fixed", "drop-fraction"}:
         try:
             value = float(arg)
         except ValueError:
@@ -67,6 +75,7 @@ def parse_rule(text: str) -> Rule:
             "drop-fraction": 0 <= value < 1,
             "anchor-quantile": 0 < value < 1,
             "anchor-conformal": 0 < value < 1,
+            "anchor-gaussian": 0 < value < 1,
         }
         if in_range[kind]:
             return Rule(kind, value)
@@ -97,6 +106,8 @@ def global_threshold(
         return float(finite.mean())
     if rule.kind == "anchor-conformal":
         return conformal_threshold(finite, rule.value)
+    if rule.kind == "anchor-gaussian":
+        return gaussian_threshold(finite, rule.value)
     return float(np.quantile(finite, rule.value))
 
 
@@ -111,3 +122,43 @@ def conformal_threshold(anchor_oriented: np.ndarray, alpha: float) -> float:
             f"but has {n}; use α ≥ {1 / (n + 1):.3f} or add anchors"
         )
     return float(np.sort(anchor_oriented)[k - 1])
+
+
+def gaussian_threshold(anchor_oriented: np.ndarray, alpha: float) -> float:
+    """m − t(1−α; n−1)·s·√(1+1/n): P(clean sample < τ) = α if all scores are i.i.d. normal."""
+    n = len(anchor_oriented)
+    if n < 2:
+        raise FedqcError(
+            f"anchor-gaussian:{alpha:g} needs at least 2 anchors with finite scores, but has {n}"
+        )
+    spread = float(np.std(anchor_oriented, ddof=1)) * math.sqrt(1 + 1 / n)
+    return float(np.mean(anchor_oriented)) - float(student_t.ppf(1 - alpha, n - 1)) * spread
+
+
+def guarantee(rule: Rule, n_anchors: int) -> str:
+    """What τ promises about clean samples, and under which assumption: one line for people."""
+    a = rule.value
+    if rule.kind == "anchor-conformal":
+        return (
+            f"a clean sample exchangeable with the {n_anchors} anchors (same distribution, same "
+            f"model) is rejected with probability at most {a:g}"
+        )
+    if rule.kind == "anchor-gaussian":
+        return (
+            f"if the {n_anchors} anchors' and the clean samples' scores are independent draws of "
+            f"one normal distribution, a clean sample is rejected with probability {a:g}"
+        )
+    if rule.kind == "anchor-quantile":
+        return f"about {a:g} of clean samples that look like the anchors are rejected (no bound)"
+    if rule.kind == "anchor-mean":
+        return (
+            "the paper's rule: about half of clean samples that look like the anchors fall below τ"
+        )
+    if rule.kind == "mixture":
+        return (
+            "τ where the two-component fit of the federation's scores finds clean and corrupted "
+            "equally likely (no bound)"
+        )
+    if rule.kind == "drop-fraction":
+        return f"each client drops its lowest-scoring {a:g} of samples, corrupted or not"
+    return "a fixed τ, given in the scorer's units"
