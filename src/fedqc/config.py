@@ -43,12 +43,12 @@ class DataConfig:
 @dataclass
 class QualityConfig:
     # The best default measured in `fedqc bench` (docs/choosing.md): a sample must look like the
-    # anchors on ℓ(r|q), on IFD and on its end-of-sequence NLL, and τ is the anchors' one-sided
-    # 90% normal prediction bound (rejects 10% of clean samples if the scores are normal; uses
-    # every anchor, so τ moves less between anchor draws than the conformal cut; ≥ 2 anchors).
+    # anchors on ℓ(r|q), on IFD and on its end-of-sequence NLL, and τ is the conformal cut that
+    # rejects at most 10% of clean samples exchangeable with the anchors (needs ≥ 9 anchors).
+    # anchor-gaussian:0.1 won on one anchor draw and lost on two others (docs/choosing.md).
     # The papers' rule is quality.scorer=ppl with quality.rule=anchor-mean.
     scorer: str = "ensemble-min:cond-prob+ifd+end-loss"
-    rule: str = "anchor-gaussian:0.1"
+    rule: str = "anchor-conformal:0.1"
     batch_tokens: int = 4096  # token budget of one scoring batch
     # Gradient scorers (tracin, tracin-cos, clues, datainf): the budget of one forward+backward
     # batch. A backward pass keeps every layer's activations: about 1.6 GiB per 1024 tokens on
