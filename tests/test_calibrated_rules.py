@@ -98,7 +98,10 @@ def test_gaussian_rejects_alpha_of_normal_clean_samples_and_varies_less_than_con
 
 
 def test_every_rule_states_what_it_promises():
-    assert "at most 0.1" in guarantee(parse_rule("anchor-conformal:0.1"), 10)
-    assert "normal" in guarantee(parse_rule("anchor-gaussian:0.05"), 10)
+    anchors = np.array([*range(10), np.nan])  # 10 anchors with finite scores
+    assert "the 10 anchors" in guarantee(parse_rule("anchor-conformal:0.1"), anchors)
+    assert "at most 0.1" in guarantee(parse_rule("anchor-conformal:0.1"), anchors)
+    assert "normal" in guarantee(parse_rule("anchor-gaussian:0.05"), anchors)
     for text in ("anchor-mean", "anchor-quantile:0.1", "mixture", "fixed:3", "drop-fraction:0.2"):
-        assert guarantee(parse_rule(text), 10)
+        assert guarantee(parse_rule(text), anchors)
+    assert guarantee(parse_rule("fixed:3"), None)

@@ -367,8 +367,6 @@ def threshold(
     warmup: WarmupOpt = None,
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
-    import numpy as np
-
     from fedqc.data.samples import load_samples
     from fedqc.quality.rules import global_threshold, guarantee, parse_rule
     from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
@@ -397,8 +395,7 @@ def threshold(
     tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
     keep = "≥" if chosen.direction > 0 else "≤"
     err_console.print(f"{chosen.name} {parsed}: keep samples with {chosen.name} {keep} τ")
-    n = 0 if scores is None else int(np.isfinite(scores.oriented).sum())
-    err_console.print(guarantee(parsed, n))
+    err_console.print(guarantee(parsed, None if scores is None else scores.oriented))
     print(f"{chosen.raw(tau):.6g}")
 
 

@@ -145,11 +145,11 @@ def prepare_resume(run_dir: Path, overrides: list[str] | None = None) -> Config:
             )
     if state is not None:
         check_resumable(state["config"], cfg.to_flat())
-    if state is not None and state["round"] >= cfg.train.rounds and (run_dir / "adapter").is_dir():
-        raise FedqcError(
-            f"{run_dir}: finished all {cfg.train.rounds} rounds; nothing to resume "
-            "(--set train.rounds=N runs it longer)"
-        )
+        if state["round"] >= cfg.train.rounds and (run_dir / "adapter").is_dir():
+            raise FedqcError(
+                f"{run_dir}: finished all {cfg.train.rounds} rounds; nothing to resume "
+                "(--set train.rounds=N runs it longer)"
+            )
     cfg = cfg.replace(**{"output.run-dir": str(run_dir), "output.resume": True})
     check_inputs(cfg)
     (run_dir / "config.toml").write_text(cfg.replace(**{"output.resume": False}).to_toml())

@@ -297,14 +297,13 @@ def _threshold(
         tau, extra["edges"] = None, histogram_edges(oriented).tolist()
     else:
         tau = global_threshold(rule, scorer, oriented)
-    n_anchors = 0 if oriented is None else sum(math.isfinite(x) for x in oriented.tolist())
     _write_json(
         run_dir / "threshold.json",
         {
             "scorer": scorer.name,
             "direction": "higher is better" if scorer.direction > 0 else "lower is better",
             "rule": str(rule),
-            "guarantee": guarantee(rule, n_anchors),
+            "guarantee": guarantee(rule, oriented),
             "tau": tau,
             "tau_raw": None if tau is None else scorer.raw(tau),
             "anchor_scores": None

@@ -135,9 +135,14 @@ def gaussian_threshold(anchor_oriented: np.ndarray, alpha: float) -> float:
     return float(np.mean(anchor_oriented)) - float(student_t.ppf(1 - alpha, n - 1)) * spread
 
 
-def guarantee(rule: Rule, n_anchors: int) -> str:
-    """What τ promises about clean samples, and under which assumption: one line for people."""
+def guarantee(rule: Rule, anchor_oriented: np.ndarray | None) -> str:
+    """What τ promises about clean samples, and under which assumption: one line for people.
+
+    ``anchor_oriented``: the anchor scores τ came from; those with finite scores are counted.
+    """
     a = rule.value
+    scores = np.asarray(anchor_oriented if anchor_oriented is not None else [], dtype=np.float64)
+    n_anchors = int(np.isfinite(scores).sum())
     if rule.kind == "anchor-conformal":
         return (
             f"a clean sample exchangeable with the {n_anchors} anchors (same distribution, same "
