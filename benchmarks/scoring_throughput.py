@@ -56,12 +56,13 @@ from fedqc.scoring.scorers import HIGHER_IS_BETTER, SCORERS, Scorer, score_sampl
 METRICS = ("ppl", "cond-prob", "ifd", "ira")
 GOAL_VS_REFERENCE, GOAL_VS_BARE = 3.0, 0.9
 
-# Hands score_samples' two per-sample losses back unchanged: raw[0] = ℓ(r|q), raw[1] = ℓ(r).
+# Hands score_samples' two per-sample losses back unchanged: raw[0] = ℓ(r|q), raw[1] = ℓ(r)
+# (ℓ_end, the third argument every formula gets, is not needed here).
 LOSSES = Scorer(
     "losses",
     HIGHER_IS_BETTER,
     True,
-    lambda c, b: np.stack([c, b]),
+    lambda c, b, e=None: np.stack([c, b]),
     "(ℓ(r|q), ℓ(r)), from which every fedqc score is computed",
 )
 
