@@ -8,6 +8,7 @@ import pytest
 
 from fedqc.config import Config, _coerce, load_config
 from fedqc.errors import FedqcError
+from fedqc.models.assets import cache_dir
 
 
 def _custom() -> Config:
@@ -152,3 +153,12 @@ def test_to_toml_reloads_to_the_same_config(tmp_path):
     path.write_text(cfg.to_toml(), encoding="utf-8")
     assert load_config(path) == cfg
     assert load_config(path, []).to_toml() == cfg.to_toml()
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    # FEDQC_CACHE= (set but empty) must not put converted models in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FEDQC_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "fedqc"
+    monkeypatch.setenv("FEDQC_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"

@@ -32,8 +32,9 @@ _DONE = ".fedqc-complete"
 
 
 def cache_dir() -> Path:
-    """Where converted models live: ``$FEDQC_CACHE`` or ``~/.cache/fedqc``."""
-    return Path(os.environ.get("FEDQC_CACHE", Path.home() / ".cache" / "fedqc"))
+    """Where converted models live: ``$FEDQC_CACHE`` or ``~/.cache/fedqc`` (also when the
+    variable is set but empty, as ``FEDQC_CACHE= fedqc ...`` does: not the working directory)."""
+    return Path(os.environ.get("FEDQC_CACHE") or Path.home() / ".cache" / "fedqc")
 
 
 def sha256_of(path: Path) -> str:
