@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=512,
+            max_position_embeddings=2048,  # room for few-shot demonstrations
             tie_word_embeddings=True,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,

@@ -85,6 +85,10 @@ def test_a_bad_client_file_is_named_with_its_line(own_data, text, fragment):
         ({"quality.rule": "anchor-median"}, "unknown threshold rule 'anchor-median'"),
         ({"data.anchors": ""}, "rule 'anchor-mean' needs an anchor set"),
         ({"quality.rule": "anchor-conformal:0.1"}, "needs at least 9 anchors"),
+        (
+            {"quality.shots": 4},
+            "quality.shots = 4 needs at least 5 anchors, but the anchor set has 4",
+        ),
         ({"model.name": "/no/such/model"}, "model '/no/such/model': not a folder"),
         ({"data.federation": "mnist"}, "unknown demo federation 'mnist'"),
     ],

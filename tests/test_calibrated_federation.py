@@ -9,11 +9,13 @@ import pytest
 from local_grid import LocalGrid, QuietStages
 
 from fedqc.config import Config, ModelConfig
+from fedqc.data.encoding import encode_all
 from fedqc.data.samples import load_samples
 from fedqc.federation.client_app import build_client_app
 from fedqc.federation.server_app import run_server
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import get_scorer, score_samples
+from fedqc.scoring.shots import anchor_prefixes, demonstrations
 
 
 @pytest.mark.parametrize("name", ["ensemble:ppl+ifd", "ensemble-min:cond-prob+ifd+end-loss"])
@@ -47,12 +49,20 @@ def test_ensemble_is_calibrated_on_the_server_and_used_unchanged_by_clients(
     assert threshold["tau"] == min(threshold["anchor_scores"])
     assert "exchangeable with the 4 anchors" in threshold["guarantee"]  # the rule's promise
 
+    # scored 2-shot (the default): the first 2 anchors in context, each anchor not with itself
+    assert threshold["shots"] == 2
     loaded = load(ModelConfig(name=str(tiny_model_dir), max_length=512))
     scorer = get_scorer(name, calibration)
-    anchors = score_samples(loaded, load_samples(demo_dir / "anchors.jsonl"), scorer, 512)
+    anchor_samples = load_samples(demo_dir / "anchors.jsonl")
+    encoded = encode_all(loaded.tokenizer, anchor_samples, 512)
+    prefixes = anchor_prefixes(encoded, 2)
+    anchors = score_samples(loaded, anchor_samples, scorer, 512, prefixes=prefixes)
     np.testing.assert_allclose(anchors.raw, threshold["anchor_scores"], rtol=1e-6)
     samples = load_samples(demo_dir / "clients" / "client-0.jsonl")
-    expected = score_samples(loaded, samples, scorer, 512)
+    demos = [demonstrations(encoded, 2)] * len(samples)
+    expected = score_samples(loaded, samples, scorer, 512, prefixes=demos)
+    zero_shot = score_samples(loaded, samples, scorer, 512)
+    assert not np.allclose(zero_shot.raw, expected.raw)
     local = [json.loads(x) for x in (run_dir / "clients" / "client-0" / "scores.jsonl").open()]
     np.testing.assert_allclose([r["score"] for r in local], expected.raw, rtol=1e-6)
     assert [r["keep"] for r in local] == list(expected.oriented >= threshold["tau"])

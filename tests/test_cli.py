@@ -119,6 +119,25 @@ def runs(demo, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
             "score", cwd / "missing.jsonl", "--scorer", "ppl", *model, "--out", "z.jsonl", cwd=cwd
         ),
         "run-unknown-key": start("run", "--set", "train.nope=1", "--out", "run", cwd=cwd),
+        "shots-without-anchors": start(
+            "score", data, "--scorer", "ppl", "--shots", "2", *model, "--out", "s.jsonl", cwd=cwd
+        ),
+        "score-2-shot": start(
+            "score",
+            data,
+            "--scorer",
+            "ppl",
+            "--shots",
+            "2",
+            "--anchors",
+            demo / "anchors.jsonl",
+            *model,
+            "--max-length",
+            MAX_LENGTH,
+            "--out",
+            "scores-2-shot.jsonl",
+            cwd=cwd,
+        ),
     }
     return {name: finish(process) for name, process in started.items()}
 
@@ -187,6 +206,16 @@ def test_filter_keeps_samples_with_ppl_at_most_tau(scored):
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert kept == [r for r in originals if ppl[r["id"]] <= tau]
     assert 0 < len(kept) < len(originals)
+
+
+def test_shots_need_anchors_and_change_the_scores(runs, scored, demo):
+    assert_user_error(runs["shots-without-anchors"], "--shots 2 shows the first 2 anchors")
+    assert not (demo.parent / "s.jsonl").exists()
+    assert runs["score-2-shot"].returncode == 0, runs["score-2-shot"].stderr
+    zero_shot = [json.loads(x) for x in scored[1].read_text().splitlines()]
+    two_shot = [json.loads(x) for x in (demo.parent / "scores-2-shot.jsonl").open()]
+    assert [r["id"] for r in two_shot] == [r["id"] for r in zero_shot]
+    assert [r["score"] for r in two_shot] != [r["score"] for r in zero_shot]
 
 
 def test_unknown_scorer(runs, demo):

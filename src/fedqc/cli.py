@@ -103,6 +103,14 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: key=value.")]
 ModelOpt = Annotated[str, typer.Option(help="Registry name, local folder or HF hub id.")]
 MaxLenOpt = Annotated[int, typer.Option(help="Maximum tokens of prompt + response.")]
+ShotsOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Forward scorers: show the first K anchors in context before each sample, as "
+        "quality.shots does in a run (0: zero-shot).",
+    ),
+]
 
 
 @app.command()
@@ -137,8 +145,9 @@ def run(
 def _print_summary(summary: dict, cfg: Config) -> None:
     th = summary["threshold"]
     tau = "per-client" if th["tau"] is None else f"{th['tau_raw']:.5g}"
+    shots = f", {th['shots']} shots" if th.get("shots") else ""
     console.print(
-        f"\n[bold]scorer[/] {th['scorer']} ({th['direction']})   [bold]rule[/] "
+        f"\n[bold]scorer[/] {th['scorer']} ({th['direction']}{shots})   [bold]rule[/] "
         f"{th['rule']}   [bold]τ[/] {tau}"
     )
     if th.get("guarantee"):
@@ -214,8 +223,12 @@ def score(
     warmup: WarmupOpt = None,
     anchors: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint scorers: the anchors (the server's side of the score)."),
+        typer.Option(
+            help="Checkpoint scorers: the anchors (the server's side of the score); with "
+            "--shots: the anchors shown in context."
+        ),
     ] = None,
+    shots: ShotsOpt = 0,
     moments: Annotated[
         Path | None,
         typer.Option(
@@ -242,12 +255,18 @@ def score(
                 "RUN_DIR/clients/client-<i>)"
             )
         warm = _warmup(chosen.name, warmup, model, max_length)  # a clear error without --warmup
+    elif shots and anchors is None:
+        raise FedqcError(
+            f"--shots {shots} shows the first {shots} anchors in context: add --anchors "
+            "ANCHORS.jsonl"
+        )
     _refuse_overwrite(out, force)
     samples = load_samples(data)
     if is_checkpoint_scorer(chosen.name):
         scores = _score_at_checkpoints(warm, samples, load_samples(anchors), moments)
     else:
-        scores = _score(model, max_length, samples, chosen)
+        demos = load_samples(anchors) if shots else []
+        scores = _score(model, max_length, samples, chosen, shots, demos)
     with open(out, "w", encoding="utf-8") as fh:
         for s, value in zip(samples, scores.raw, strict=True):
             fh.write(
@@ -259,17 +278,33 @@ def score(
     )
 
 
-def _score(model: str, max_length: int, samples, scorer):
+def _score(model: str, max_length: int, samples, scorer, shots: int = 0, anchors=()):
+    """Forward scores; ``shots`` > 0: the first ``shots`` anchors in context (the anchors
+    themselves, when ``samples`` is ``anchors``, each without itself)."""
+    from fedqc.data.encoding import encode_all
     from fedqc.models.loading import load
     from fedqc.scoring.scorers import score_samples
+    from fedqc.scoring.shots import anchor_prefixes, demonstrations
 
     with console.status(f"loading {model}"):
         loaded = load(ModelConfig(name=model, max_length=max_length))
+    prefixes = None
+    if shots:
+        encoded = encode_all(loaded.tokenizer, list(anchors), max_length)
+        if samples is anchors:
+            prefixes = anchor_prefixes(encoded, shots)
+        else:
+            prefixes = [demonstrations(encoded, shots)] * len(samples)
     passes = 2 if scorer.needs_bare else 1
     with _progress() as progress:
         task = progress.add_task(f"scoring ({scorer.name})", total=len(samples) * passes)
         return score_samples(
-            loaded, samples, scorer, max_length, on_batch=lambda n: progress.advance(task, n)
+            loaded,
+            samples,
+            scorer,
+            max_length,
+            on_batch=lambda n: progress.advance(task, n),
+            prefixes=prefixes,
         )
 
 
@@ -365,6 +400,7 @@ def threshold(
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
     warmup: WarmupOpt = None,
+    shots: ShotsOpt = 0,
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
     from fedqc.data.samples import load_samples
@@ -389,7 +425,8 @@ def threshold(
                 cfg, loaded, load_samples(anchors), checkpoints, with_scores=True
             )
     elif parsed.needs_anchors:
-        scores = _score(model, max_length, load_samples(anchors), chosen)
+        anchor_samples = load_samples(anchors)
+        scores = _score(model, max_length, anchor_samples, chosen, shots, anchor_samples)
     else:
         scores = None
     tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)

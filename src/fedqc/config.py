@@ -43,12 +43,13 @@ class DataConfig:
 @dataclass
 class QualityConfig:
     # The best default measured in `fedqc bench` (docs/choosing.md): a sample must look like the
-    # anchors on ℓ(r|q), on IFD and on its end-of-sequence NLL, and τ is the conformal cut that
-    # rejects at most 10% of clean samples exchangeable with the anchors (needs ≥ 9 anchors).
-    # anchor-gaussian:0.1 won on one anchor draw and lost on two others (docs/choosing.md).
-    # The papers' rule is quality.scorer=ppl with quality.rule=anchor-mean.
+    # anchors on ℓ(r|q), on IFD and on its end-of-sequence NLL, scored with 2 anchors in context
+    # (shots, below), and τ is the anchors' one-sided 90% normal prediction bound. Over 40 random
+    # draws of 10 anchors it kept F1 ≥ 0.90 at 20, 50 and 80% contamination on the demo-sized
+    # federation; anchor-conformal:0.1 (distribution-free) fell to 0.88 at 80%.
+    # The papers' rule is quality.scorer=ppl with quality.rule=anchor-mean and quality.shots=0.
     scorer: str = "ensemble-min:cond-prob+ifd+end-loss"
-    rule: str = "anchor-conformal:0.1"
+    rule: str = "anchor-gaussian:0.1"
     batch_tokens: int = 4096  # token budget of one scoring batch
     # Gradient scorers (tracin, tracin-cos, clues, datainf): the budget of one forward+backward
     # batch. A backward pass keeps every layer's activations: about 1.6 GiB per 1024 tokens on
@@ -57,6 +58,10 @@ class QualityConfig:
     allow_empty: bool = False  # go on (without training) when τ drops every sample
     dp_epsilon: float = 0.0  # > 0: Laplace(1/ε) noise on every count a client reports
     warmup_rounds: int = 2  # checkpoint scorers (tracin, clues, ...): federated warm-up rounds
+    # Forward scorers: the first `shots` anchors are shown in context before every scored sample,
+    # so the model knows the answer format (fedqc.scoring.shots); 0, or a run without anchors,
+    # scores zero-shot.
+    shots: int = 2
 
 
 @dataclass
@@ -97,6 +102,7 @@ CHOICES = {
 AT_LEAST = {
     "quality.dp-epsilon": 0.0,
     "quality.warmup-rounds": 1,
+    "quality.shots": 0,
     "train.rounds": 0,
     "train.dp-noise-multiplier": 0.0,
     "federation.min-nodes": 1,

@@ -61,6 +61,15 @@ def check_inputs(cfg: Config) -> None:
                 f"scorer '{scorer.name}' needs an anchor set of at least {need} samples "
                 f"(it has {num_anchors}): set data.anchors=FILE (demo: data.num-anchors)"
             )
+    shots = cfg.quality.shots
+    if not is_checkpoint_scorer(scorer.name) and shots and num_anchors:
+        # each anchor the rule scores is left out of its own demonstrations
+        need = shots + 1 if rule.needs_anchors else shots
+        if num_anchors < need:
+            raise FedqcError(
+                f"quality.shots = {shots} needs at least {need} anchors, but the anchor set has "
+                f"{num_anchors}; lower quality.shots or add anchors"
+            )
     if rule.needs_anchors:
         if num_anchors == 0:
             raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")

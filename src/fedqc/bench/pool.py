@@ -109,22 +109,34 @@ def score_losses(
     max_length: int,
     batch_tokens: int = 4096,
     on_batch: Callable[[int], None] | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> Losses:
     """ℓ(r|q), ℓ(r) and ℓ_end of each sample on the model's current adapter, each pass run once.
 
-    The same encodings and batched pass as :func:`fedqc.scoring.scorers.score_samples`; bare
-    sequences that are identical token for token (an exchanged answer and its own item) are
-    scored once.
+    The same encodings and batched pass as :func:`fedqc.scoring.scorers.score_samples` (with the
+    same ``prefixes``: each sample's demonstrations); bare sequences that are identical token for
+    token after the same prefix (an exchanged answer and its own item) are scored once.
     """
     tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    prefixes = [tuple(p) for p in prefixes] if prefixes is not None else [()] * len(samples)
     cond = encode_all(tok, list(samples), max_length)
-    sums, counts, ends = response_losses(loaded.model, cond, pad, batch_tokens, on_batch)
+    sums, counts, ends = response_losses(loaded.model, cond, pad, batch_tokens, on_batch, prefixes)
     bare = encode_all(tok, list(samples), max_length, bare=True)
-    unique: dict[tuple[int, ...], int] = {}
-    slot = [unique.setdefault(e.input_ids, len(unique)) for e in bare]
+    unique: dict[tuple, int] = {}
+    slot = [
+        unique.setdefault((p, e.input_ids), len(unique))
+        for p, e in zip(prefixes, bare, strict=True)
+    ]
     firsts = {s: i for i, s in reversed(list(enumerate(slot)))}
-    distinct = [bare[firsts[s]] for s in range(len(unique))]
-    bsums, bcounts = response_nll(loaded.model, distinct, pad, batch_tokens, on_batch)
+    distinct = [firsts[s] for s in range(len(unique))]
+    bsums, bcounts = response_nll(
+        loaded.model,
+        [bare[i] for i in distinct],
+        pad,
+        batch_tokens,
+        on_batch,
+        [prefixes[i] for i in distinct],
+    )
     slot_arr = np.asarray(slot, dtype=np.int64)
     return Losses(
         sums / np.maximum(counts, 1),

@@ -27,10 +27,12 @@ from fedqc.bench.pool import BenchData, score_losses, split_data
 from fedqc.bench.publish import publish
 from fedqc.bench.train import arm_folder, load_adapter, train_arm, write_samples
 from fedqc.config import Config, QualityConfig
+from fedqc.data.encoding import encode_all
 from fedqc.data.partition import Member, parse_partition
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, batch_tokens_for
+from fedqc.scoring.shots import anchor_prefixes, demonstrations
 
 log = logging.getLogger("fedqc.bench")
 
@@ -62,17 +64,29 @@ def run_bench(
 
     loaded = load(cfg.model)
     entries = data.entries()
-    stages.stage(f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r)", 2 * len(entries))
+    shots = cfg.quality.shots
+    encoded_anchors = encode_all(loaded.tokenizer, data.anchors, cfg.model.max_length)
+    demos = demonstrations(encoded_anchors, shots)
+    stages.stage(
+        f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r), {shots} shots",
+        2 * len(entries),
+    )
     losses = score_losses(
         loaded,
         [data.sample(Member(i, k)) for i, k in entries],
         cfg.model.max_length,
         cfg.quality.batch_tokens,
         stages.advance,
+        [demos] * len(entries),
     )
     stages.stage(f"scoring {len(data.anchors)} anchors", 2 * len(data.anchors))
     anchor_losses = score_losses(
-        loaded, data.anchors, cfg.model.max_length, cfg.quality.batch_tokens, stages.advance
+        loaded,
+        data.anchors,
+        cfg.model.max_length,
+        cfg.quality.batch_tokens,
+        stages.advance,
+        anchor_prefixes(encoded_anchors, shots),
     )
     timing = {"scoring": time.perf_counter() - start}
     main_anchors = np.arange(d.num_anchors)

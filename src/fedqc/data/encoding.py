@@ -6,7 +6,7 @@ in the conditioned pass (prompt + response) and the bare pass (empty instruction
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,12 +93,20 @@ def collate(items: list[Encoded], indices: list[int], pad_id: int) -> Batch:
     return Batch(indices, ids, mask, labels)
 
 
-def token_budget_batches(encoded: list[Encoded], batch_tokens: int, pad_id: int) -> Iterator[Batch]:
-    """Length-sorted batches whose padded size (rows × longest row) stays within the budget."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+def token_budget_batches(
+    encoded: list[Encoded],
+    batch_tokens: int,
+    pad_id: int,
+    indices: Sequence[int] | None = None,
+    prefix_len: int = 0,
+) -> Iterator[Batch]:
+    """Length-sorted batches whose padded size (rows × (prefix + longest row)) stays within the
+    budget; ``indices``: only these samples (default: all)."""
+    rows = range(len(encoded)) if indices is None else indices
+    order = sorted(rows, key=lambda i: len(encoded[i].input_ids))
     current: list[int] = []
     for i in order:
-        width = len(encoded[i].input_ids)  # sorted: the newest row is the longest
+        width = prefix_len + len(encoded[i].input_ids)  # sorted: the newest row is the longest
         if current and width * (len(current) + 1) > batch_tokens:
             yield collate([encoded[j] for j in current], current, pad_id)
             current = []

@@ -131,7 +131,16 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     else:
         calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else None
         scorer = get_scorer(name, calibration)
-        scores = score_samples(loaded, samples, scorer, cfg.model.max_length, batch_tokens)
+        prefix = [int(t) for t in qc["prefix"]] if "prefix" in qc else []
+        scores = score_samples(
+            loaded,
+            samples,
+            scorer,
+            cfg.model.max_length,
+            batch_tokens,
+            None,
+            [prefix] * len(samples),
+        )
     context.state[SCORES_KEY] = ConfigRecord(
         {
             "oriented": np.asarray(scores.oriented, dtype=np.float64).tobytes(),

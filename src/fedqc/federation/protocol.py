@@ -30,7 +30,9 @@ CHECKPOINT_RECORD = "checkpoint-{k}"
 ANCHOR_INFO_RECORD = "anchor-info"
 # Keys of the query.score ConfigRecord. "fingerprint" and "checkpoint-lrs" (η_1..η_K) come with
 # the checkpoint scorers, "edges" (NUM_BINS + 1 floats, oriented scale) with the mixture rule,
-# "calibration" with an ensemble. query.select carries "tau" only.
+# "calibration" with an ensemble, "prefix" (the demonstrations' token ids: the server's first
+# quality.shots anchors) with a forward scorer and quality.shots > 0. query.select carries "tau"
+# only.
 QUERY_CONFIG = (
     "scorer",
     "rule",
@@ -43,6 +45,7 @@ QUERY_CONFIG = (
     "fingerprint",
     "checkpoint-lrs",
     "edges",
+    "prefix",
 )
 
 # Counts over one client's samples: with quality.dp-epsilon > 0 each gets Laplace(1/ε) noise.

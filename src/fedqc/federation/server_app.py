@@ -58,6 +58,7 @@ from fedqc.scoring.scorers import (
     is_checkpoint_scorer,
     score_samples,
 )
+from fedqc.scoring.shots import anchor_prefixes, demonstrations
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
             anchors = _anchors(cfg, f"scorer '{scorer.name}'")
             info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
             extra, records = query_payload(checkpoints, info)
+        shots, encoded = _few_shot(cfg, loaded, checkpoints)
+        if shots:
+            extra["prefix"] = list(demonstrations(encoded, shots))
     else:
         scorer, tau, anchor_oriented, extra, records = _threshold(
             cfg, loaded, scorer, rule, run_dir, stages, checkpoints
@@ -244,6 +248,21 @@ def _anchors(cfg: Config, who: str) -> list:
     return load_samples(cfg.data.anchors)
 
 
+def _few_shot(cfg: Config, loaded, checkpoints) -> tuple[int, list | None]:
+    """(shots, the encoded anchors) for the forward scorers; a run without anchors, or with a
+    checkpoint scorer, scores zero-shot."""
+    if checkpoints is not None or not cfg.quality.shots:
+        return 0, None
+    if not cfg.data.anchors:
+        log.info(
+            "no anchor set (data.anchors): forward scores are zero-shot, not %d-shot",
+            cfg.quality.shots,
+        )
+        return 0, None
+    anchors = load_samples(cfg.data.anchors)
+    return cfg.quality.shots, encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
+
+
 def _threshold(
     cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages, checkpoints
 ) -> tuple:
@@ -255,6 +274,7 @@ def _threshold(
     the anchors are scored at the same checkpoints when the rule needs their scores.
     """
     anchor_scores, extra, records = None, {}, {}
+    shots, encoded = _few_shot(cfg, loaded, checkpoints)
     if checkpoints is not None:
         anchors = _anchors(cfg, f"scorer '{scorer.name}'")
         stages.stage(
@@ -265,26 +285,32 @@ def _threshold(
             cfg, loaded, anchors, checkpoints, with_scores=rule.needs_anchors
         )
         extra, records = query_payload(checkpoints, info)
-    elif rule.needs_anchors:
+    elif rule.needs_anchors or shots:
         anchors = _anchors(cfg, f"rule '{rule}'")
-        stages.stage(
-            f"phase 1: scoring {len(anchors)} anchors ({scorer.name})",
-            len(anchors) * (2 if scorer.needs_bare else 1),
-        )
-        anchor_scores = score_samples(
-            loaded,
-            anchors,
-            scorer,
-            cfg.model.max_length,
-            cfg.quality.batch_tokens,
-            on_batch=stages.advance,
-        )
-        if is_ensemble(scorer.name):
-            a = anchor_scores
-            cal = calibrate(scorer.name, a.cond_loss, a.bare_loss, a.end_loss)
-            scorer = get_scorer(scorer.name, cal)
-            raw = scorer.formula(a.cond_loss, a.bare_loss, a.end_loss)
-            anchor_scores.raw, anchor_scores.oriented = raw, scorer.orient(raw)
+        if encoded is None:
+            encoded = encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
+        if shots:
+            extra["prefix"] = list(demonstrations(encoded, shots))
+        if rule.needs_anchors:
+            stages.stage(
+                f"phase 1: scoring {len(anchors)} anchors ({scorer.name}, {shots} shots)",
+                len(anchors) * (2 if scorer.needs_bare else 1),
+            )
+            anchor_scores = score_samples(
+                loaded,
+                anchors,
+                scorer,
+                cfg.model.max_length,
+                cfg.quality.batch_tokens,
+                on_batch=stages.advance,
+                prefixes=anchor_prefixes(encoded, shots),
+            )
+            if is_ensemble(scorer.name):
+                a = anchor_scores
+                cal = calibrate(scorer.name, a.cond_loss, a.bare_loss, a.end_loss)
+                scorer = get_scorer(scorer.name, cal)
+                raw = scorer.formula(a.cond_loss, a.bare_loss, a.end_loss)
+                anchor_scores.raw, anchor_scores.oriented = raw, scorer.orient(raw)
     if anchor_scores is not None and anchor_scores.truncated:
         log.warning(
             "%d of %d anchors are longer than model.max-length = %d: scored truncated",
@@ -303,6 +329,7 @@ def _threshold(
             "scorer": scorer.name,
             "direction": "higher is better" if scorer.direction > 0 else "lower is better",
             "rule": str(rule),
+            "shots": shots,
             "guarantee": guarantee(rule, oriented),
             "tau": tau,
             "tau_raw": None if tau is None else scorer.raw(tau),

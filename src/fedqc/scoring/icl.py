@@ -23,17 +23,14 @@ set: ``exclude[i]`` names the anchor that sample i is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from fedqc.data.encoding import Batch, Encoded, collate
+from fedqc.data.encoding import Encoded
 from fedqc.errors import FedqcError
-from fedqc.models.likelihood import causal_lm, response_nll, response_token_nll
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+from fedqc.models.likelihood import response_nll
 
 
 def anchor_prefix(
@@ -54,62 +51,6 @@ def anchor_prefix(
     return tuple(ids)
 
 
-def _prefix_kv(model: torch.nn.Module, prefix: Sequence[int]) -> KV:
-    lm = causal_lm(model)
-    backbone = getattr(lm, lm.base_model_prefix)
-    out = backbone(input_ids=torch.tensor([list(prefix)]), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.cache.layers]
-
-
-def _batches(
-    encoded: Sequence[Encoded], indices: Sequence[int], prefix_len: int, budget: int, pad_id: int
-) -> Iterator[Batch]:
-    """Length-sorted batches with rows × (prefix + longest row) ≤ budget (at least one row)."""
-    order = sorted(indices, key=lambda i: len(encoded[i].input_ids))
-    current: list[int] = []
-    for i in order:
-        width = prefix_len + len(encoded[i].input_ids)
-        if current and width * (len(current) + 1) > budget:
-            yield collate([encoded[j] for j in current], current, pad_id)
-            current = []
-        current.append(i)
-    if current:
-        yield collate([encoded[j] for j in current], current, pad_id)
-
-
-def _nll_after_prefix(
-    model: torch.nn.Module, kv: KV, batch: Batch
-) -> tuple[np.ndarray, np.ndarray]:
-    """Summed response NLL and token counts of each row, every row preceded by the cached prefix."""
-    lm = causal_lm(model)
-    backbone = getattr(lm, lm.base_model_prefix)
-    rows, p = batch.input_ids.shape[0], kv[0][0].shape[-2]
-    cache = DynamicCache(
-        ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv],
-        config=lm.config,
-    )
-    mask = torch.cat(
-        [torch.ones(rows, p, dtype=batch.attention_mask.dtype), batch.attention_mask], 1
-    )
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=mask, cache=cache, use_cache=True)[
-        0
-    ]
-    nll, keep = response_token_nll(lm, hidden, batch.labels)
-    sums = torch.zeros(rows, dtype=nll.dtype).index_add(0, keep.nonzero()[:, 0], nll)
-    return sums.double().numpy(), keep.sum(dim=1).numpy()
-
-
-def _check_positions(model: torch.nn.Module, prefix_len: int, encoded: Sequence[Encoded]) -> None:
-    limit = getattr(causal_lm(model).config, "max_position_embeddings", None)
-    longest = prefix_len + max((len(e.input_ids) for e in encoded), default=0)
-    if limit and longest > limit:
-        raise FedqcError(
-            f"prefix of {prefix_len} tokens + sample of {longest - prefix_len} exceeds the model's "
-            f"{limit} positions; lower the prefix budget or max_length"
-        )
-
-
-@torch.inference_mode()
 def prefixed_nll(
     model: torch.nn.Module,
     encoded: Sequence[Encoded],
@@ -123,18 +64,12 @@ def prefixed_nll(
 
     Only ``indices`` (default: all) are computed; other rows stay 0.
     """
-    model.eval()
-    indices = range(len(encoded)) if indices is None else indices
+    indices = list(range(len(encoded)) if indices is None else indices)
     sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=np.int64)
-    if not len(indices):
-        return sums, counts
-    _check_positions(model, len(prefix), [encoded[i] for i in indices])
-    kv = _prefix_kv(model, prefix)
-    for batch in _batches(encoded, indices, len(prefix), batch_tokens, pad_id):
-        s, c = _nll_after_prefix(model, kv, batch)
-        sums[batch.indices], counts[batch.indices] = s, c
-        if on_batch is not None:
-            on_batch(len(batch.indices))
+    if indices:
+        rows = [encoded[i] for i in indices]
+        s, c = response_nll(model, rows, pad_id, batch_tokens, on_batch, [prefix] * len(rows))
+        sums[indices], counts[indices] = s, c
     return sums, counts
 
 

@@ -10,7 +10,7 @@ their directions here too, in ``CHECKPOINT_SCORERS``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,16 +211,21 @@ def score_samples(
     max_length: int,
     batch_tokens: int = 4096,
     on_batch: Callable[[int], None] | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> Scores:
-    """Score samples on the model's current adapter. ``on_batch`` gets the rows done per batch."""
+    """Score samples on the model's current adapter. ``on_batch`` gets the rows done per batch;
+    ``prefixes``: per sample, the demonstrations' token ids shown in front of it
+    (:mod:`fedqc.scoring.shots`)."""
     tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
     cond = encode_all(tok, samples, max_length)
-    sums, counts, end_loss = response_losses(loaded.model, cond, pad, batch_tokens, on_batch)
+    sums, counts, end_loss = response_losses(
+        loaded.model, cond, pad, batch_tokens, on_batch, prefixes
+    )
     cond_loss = sums / np.maximum(counts, 1)
     bare_loss = np.full_like(cond_loss, np.nan)
     if scorer.needs_bare:
         bare = encode_all(tok, samples, max_length, bare=True)
-        bsums, bcounts = response_nll(loaded.model, bare, pad, batch_tokens, on_batch)
+        bsums, bcounts = response_nll(loaded.model, bare, pad, batch_tokens, on_batch, prefixes)
         bare_loss = bsums / np.maximum(bcounts, 1)
     with np.errstate(all="ignore"):
         raw = scorer.formula(cond_loss, bare_loss, end_loss).astype(np.float64)
