@@ -72,6 +72,7 @@ def train_arm(
             "data.eval": str(eval_path),
             "quality.scorer": "ppl",
             "quality.rule": "drop-fraction:0",
+            "quality.shots": 0,  # the selection is made: the scores are not used
         }
     )
     (arm_dir / "run").mkdir()
