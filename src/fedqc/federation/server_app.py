@@ -260,7 +260,16 @@ def _few_shot(cfg: Config, loaded, checkpoints) -> tuple[int, list | None]:
         )
         return 0, None
     anchors = load_samples(cfg.data.anchors)
-    return cfg.quality.shots, encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
+    encoded = encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
+    cut = [j for j, e in enumerate(encoded[: cfg.quality.shots + 1]) if e.truncated]
+    if cut:
+        log.warning(
+            "demonstration anchors %s are longer than model.max-length = %d: shown cut, without "
+            "their end; raise model.max-length or put whole anchors first",
+            cut,
+            cfg.model.max_length,
+        )
+    return cfg.quality.shots, encoded
 
 
 def _threshold(
