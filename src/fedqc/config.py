@@ -45,8 +45,8 @@ class QualityConfig:
     # The best default measured in `fedqc bench` (docs/choosing.md): a sample must look like the
     # anchors on ℓ(r|q), on IFD and on its end-of-sequence NLL, scored with 2 anchors in context
     # (shots, below), and τ is the anchors' one-sided 90% normal prediction bound. Over 40 random
-    # draws of 10 anchors it kept F1 ≥ 0.90 at 20, 50 and 80% contamination on the demo-sized
-    # federation; anchor-conformal:0.1 (distribution-free) fell to 0.88 at 80%.
+    # draws of 10 anchors its mean F1 was ≥ 0.90 at 20, 50 and 80% contamination on the demo-sized
+    # pool; anchor-conformal:0.1 (distribution-free) averaged 0.88 at 80%.
     # The papers' rule is quality.scorer=ppl with quality.rule=anchor-mean and quality.shots=0.
     scorer: str = "ensemble-min:cond-prob+ifd+end-loss"
     rule: str = "anchor-gaussian:0.1"

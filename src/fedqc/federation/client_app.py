@@ -131,15 +131,14 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     else:
         calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else None
         scorer = get_scorer(name, calibration)
-        prefix = [int(t) for t in qc["prefix"]] if "prefix" in qc else []
+        demonstrations = [int(t) for t in qc["prefix"]] if "prefix" in qc else []  # shots > 0
         scores = score_samples(
             loaded,
             samples,
             scorer,
             cfg.model.max_length,
             batch_tokens,
-            None,
-            [prefix] * len(samples),
+            prefixes=[demonstrations] * len(samples),
         )
     context.state[SCORES_KEY] = ConfigRecord(
         {
