@@ -3,6 +3,8 @@ sequence, each anchor left out of its own prefix, and the bench scoring as the f
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from fedqc.data.encoding import Encoded, encode_all
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import get_scorer, score_samples
-from fedqc.scoring.shots import anchor_prefixes, demonstrations
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
 
 BATCH_TOKENS = 600  # with a ~150-token prefix: a few rows per batch, several batches
 
@@ -81,3 +83,15 @@ def test_bench_scores_anchors_and_samples_as_the_federation_does(loaded):
     np.testing.assert_allclose(bench.cond, server.cond_loss, rtol=1e-6)
     np.testing.assert_allclose(bench.bare, server.bare_loss, rtol=1e-6)
     np.testing.assert_allclose(bench.end, server.end_loss, rtol=1e-6)
+
+
+def test_cut_demonstrations_are_named_in_a_warning(loaded, caplog):
+    whole = encode_all(loaded.tokenizer, ANCHORS, MAX_LENGTH)
+    cut = encode_all(loaded.tokenizer, ANCHORS, 16)  # every anchor is longer than 16 tokens
+    assert all(e.truncated for e in cut) and not any(e.truncated for e in whole)
+    with caplog.at_level(logging.WARNING, logger="fedqc"):
+        warn_if_cut(whole, 2, MAX_LENGTH)
+        warn_if_cut(cut, 0, 16)
+        assert not caplog.records
+        warn_if_cut(cut, 2, 16)
+    assert "demonstration anchors [0, 1, 2] are longer than model.max-length = 16" in caplog.text

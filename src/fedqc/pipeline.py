@@ -35,6 +35,7 @@ def check_inputs(cfg: Config) -> None:
     from fedqc.models.loading import load
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
+    from fedqc.scoring.shots import require_anchors
 
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     d = cfg.data
@@ -61,15 +62,8 @@ def check_inputs(cfg: Config) -> None:
                 f"scorer '{scorer.name}' needs an anchor set of at least {need} samples "
                 f"(it has {num_anchors}): set data.anchors=FILE (demo: data.num-anchors)"
             )
-    shots = cfg.quality.shots
-    if not is_checkpoint_scorer(scorer.name) and shots and num_anchors:
-        # each anchor the rule scores is left out of its own demonstrations
-        need = shots + 1 if rule.needs_anchors else shots
-        if num_anchors < need:
-            raise FedqcError(
-                f"quality.shots = {shots} needs at least {need} anchors, but the anchor set has "
-                f"{num_anchors}; lower quality.shots or add anchors"
-            )
+    if not is_checkpoint_scorer(scorer.name) and cfg.quality.shots and num_anchors:
+        require_anchors(num_anchors, cfg.quality.shots, leave_one_out=rule.needs_anchors)
     if rule.needs_anchors:
         if num_anchors == 0:
             raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")

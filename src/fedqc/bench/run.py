@@ -32,7 +32,7 @@ from fedqc.data.partition import Member, parse_partition
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, batch_tokens_for
-from fedqc.scoring.shots import anchor_prefixes, demonstrations
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
 
 log = logging.getLogger("fedqc.bench")
 
@@ -66,6 +66,7 @@ def run_bench(
     entries = data.entries()
     shots = cfg.quality.shots
     encoded_anchors = encode_all(loaded.tokenizer, data.anchors, cfg.model.max_length)
+    warn_if_cut(encoded_anchors, shots, cfg.model.max_length)
     demos = demonstrations(encoded_anchors, shots)
     stages.stage(
         f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r), {shots} shots",

@@ -58,7 +58,7 @@ from fedqc.scoring.scorers import (
     is_checkpoint_scorer,
     score_samples,
 )
-from fedqc.scoring.shots import anchor_prefixes, demonstrations
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,9 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
             anchors = _anchors(cfg, f"scorer '{scorer.name}'")
             info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
             extra, records = query_payload(checkpoints, info)
-        shots, encoded = _few_shot(cfg, loaded, checkpoints)
+        shots = _few_shot(cfg, checkpoints)
         if shots:
+            encoded = _encoded_anchors(cfg, loaded, _anchors(cfg, "quality.shots"), shots)
             extra["prefix"] = list(demonstrations(encoded, shots))
     else:
         scorer, tau, anchor_oriented, extra, records = _threshold(
@@ -248,28 +249,25 @@ def _anchors(cfg: Config, who: str) -> list:
     return load_samples(cfg.data.anchors)
 
 
-def _few_shot(cfg: Config, loaded, checkpoints) -> tuple[int, list | None]:
-    """(shots, the encoded anchors) for the forward scorers; a run without anchors, or with a
-    checkpoint scorer, scores zero-shot."""
+def _few_shot(cfg: Config, checkpoints) -> int:
+    """How many anchors the forward scorers show in context: 0 for a checkpoint scorer, and for
+    a run without anchors (said in the log)."""
     if checkpoints is not None or not cfg.quality.shots:
-        return 0, None
+        return 0
     if not cfg.data.anchors:
         log.info(
             "no anchor set (data.anchors): forward scores are zero-shot, not %d-shot",
             cfg.quality.shots,
         )
-        return 0, None
-    anchors = load_samples(cfg.data.anchors)
+        return 0
+    return cfg.quality.shots
+
+
+def _encoded_anchors(cfg: Config, loaded, anchors: list, shots: int) -> list:
+    """The anchors encoded for scoring and as demonstrations."""
     encoded = encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
-    cut = [j for j, e in enumerate(encoded[: cfg.quality.shots + 1]) if e.truncated]
-    if cut:
-        log.warning(
-            "demonstration anchors %s are longer than model.max-length = %d: shown cut, without "
-            "their end; raise model.max-length or put whole anchors first",
-            cut,
-            cfg.model.max_length,
-        )
-    return cfg.quality.shots, encoded
+    warn_if_cut(encoded, shots, cfg.model.max_length)
+    return encoded
 
 
 def _threshold(
@@ -283,7 +281,7 @@ def _threshold(
     the anchors are scored at the same checkpoints when the rule needs their scores.
     """
     anchor_scores, extra, records = None, {}, {}
-    shots, encoded = _few_shot(cfg, loaded, checkpoints)
+    shots = _few_shot(cfg, checkpoints)
     if checkpoints is not None:
         anchors = _anchors(cfg, f"scorer '{scorer.name}'")
         stages.stage(
@@ -296,8 +294,7 @@ def _threshold(
         extra, records = query_payload(checkpoints, info)
     elif rule.needs_anchors or shots:
         anchors = _anchors(cfg, f"rule '{rule}'")
-        if encoded is None:
-            encoded = encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
+        encoded = _encoded_anchors(cfg, loaded, anchors, shots)
         if shots:
             extra["prefix"] = list(demonstrations(encoded, shots))
         if rule.needs_anchors:

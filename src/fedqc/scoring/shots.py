@@ -13,23 +13,32 @@ no sample ever sees itself in context.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from fedqc.data.encoding import Encoded
 from fedqc.errors import FedqcError
+
+log = logging.getLogger(__name__)
+
+
+def require_anchors(count: int, shots: int, leave_one_out: bool) -> None:
+    """Refuse an anchor set too small for ``shots`` demonstrations (one more when the anchors are
+    scored themselves, each with the next anchor in its own place)."""
+    need = shots + leave_one_out
+    if count < need:
+        raise FedqcError(
+            f"quality.shots = {shots} needs at least {need} anchors, but the anchor set has "
+            f"{count}; lower quality.shots or add anchors"
+        )
 
 
 def demonstrations(
     anchors: Sequence[Encoded], shots: int, skip: int | None = None
 ) -> tuple[int, ...]:
     """The token ids of the first ``shots`` anchors, in order, leaving out anchor ``skip``."""
+    require_anchors(len(anchors), shots, skip is not None)
     chosen = [a for j, a in enumerate(anchors) if j != skip][:shots]
-    if len(chosen) < shots:
-        need = shots + (skip is not None)
-        raise FedqcError(
-            f"quality.shots = {shots} needs at least {need} anchors, but the anchor set has "
-            f"{len(anchors)}; lower quality.shots or add anchors"
-        )
     return tuple(t for a in chosen for t in a.input_ids)
 
 
@@ -38,3 +47,16 @@ def anchor_prefixes(anchors: Sequence[Encoded], shots: int) -> list[tuple[int, .
     if shots == 0:
         return [()] * len(anchors)
     return [demonstrations(anchors, shots, j if j < shots else None) for j in range(len(anchors))]
+
+
+def warn_if_cut(anchors: Sequence[Encoded], shots: int, max_length: int) -> None:
+    """Log the demonstrations (the first ``shots`` anchors, and the next one in their place) that
+    were cut at the maximum length: they are shown without their end."""
+    cut = [j for j, a in enumerate(anchors[: shots + 1] if shots else []) if a.truncated]
+    if cut:
+        log.warning(
+            "demonstration anchors %s are longer than model.max-length = %d: shown cut, without "
+            "their end; raise model.max-length or put whole anchors first",
+            cut,
+            max_length,
+        )
