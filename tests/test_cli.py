@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedqc.config import ModelConfig
 from fedqc.data.samples import load_samples
@@ -122,6 +123,48 @@ def runs(demo, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
         "shots-without-anchors": start(
             "score", data, "--scorer", "ppl", "--shots", "2", *model, "--out", "s.jsonl", cwd=cwd
         ),
+        "nan-threshold": start(
+            "filter",
+            data,
+            "--scores",
+            "none.jsonl",
+            "--threshold",
+            "nan",
+            "--out",
+            "k.jsonl",
+            cwd=cwd,
+        ),
+        "bad-dtype": start(
+            "score", data, "--scorer", "ppl", *model, "--dtype", "half", "--out", "d.jsonl", cwd=cwd
+        ),
+        "missing-cuda": start(
+            "score",
+            data,
+            "--scorer",
+            "ppl",
+            *model,
+            "--device",
+            "cuda:7",
+            "--out",
+            "c.jsonl",
+            cwd=cwd,
+        ),
+        "score-bf16": start(
+            "score",
+            data,
+            "--scorer",
+            "ppl",
+            *model,
+            "--max-length",
+            MAX_LENGTH,
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            "scores-bf16.jsonl",
+            cwd=cwd,
+        ),
         "score-2-shot": start(
             "score",
             data,
@@ -216,6 +259,23 @@ def test_shots_need_anchors_and_change_the_scores(runs, scored, demo):
     two_shot = [json.loads(x) for x in (demo.parent / "scores-2-shot.jsonl").open()]
     assert [r["id"] for r in two_shot] == [r["id"] for r in zero_shot]
     assert [r["score"] for r in two_shot] != [r["score"] for r in zero_shot]
+
+
+def test_filter_refuses_a_threshold_that_is_not_a_number(runs, demo):
+    assert_user_error(runs["nan-threshold"], "--threshold nan: τ must be a finite number")
+    assert not (demo.parent / "k.jsonl").exists()
+
+
+def test_dtype_and_device_options(runs, scored, demo):
+    assert_user_error(runs["bad-dtype"], "'model.dtype' must be one of auto, float32")
+    if not torch.cuda.is_available():
+        assert_user_error(runs["missing-cuda"], "model.device: 'cuda:7' but this machine has no")
+    assert not (demo.parent / "d.jsonl").exists() and not (demo.parent / "c.jsonl").exists()
+    assert runs["score-bf16"].returncode == 0, runs["score-bf16"].stderr
+    full = [json.loads(x)["score"] for x in scored[1].open()]
+    low = [json.loads(x)["score"] for x in (demo.parent / "scores-bf16.jsonl").open()]
+    np.testing.assert_allclose(low, full, rtol=0.05)
+    assert low != full  # it did run in bfloat16
 
 
 def test_unknown_scorer(runs, demo):

@@ -103,6 +103,18 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: key=value.")]
 ModelOpt = Annotated[str, typer.Option(help="Registry name, local folder or HF hub id.")]
 MaxLenOpt = Annotated[int, typer.Option(help="Maximum tokens of prompt + response.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (bfloat16 where the device runs it natively), float32, ...")
+]
+
+
+def _model_config(name: str, max_length: int, device: str, dtype: str) -> ModelConfig:
+    """The model options of `fedqc score` / `fedqc threshold`, checked like config keys."""
+    keys = {"name": name, "max-length": max_length, "device": device, "dtype": dtype}
+    return Config.from_flat({f"model.{k}": v for k, v in keys.items()}, "option").model
+
+
 ShotsOpt = Annotated[
     int,
     typer.Option(
@@ -152,6 +164,9 @@ def _print_summary(summary: dict, cfg: Config) -> None:
     )
     if th.get("guarantee"):
         console.print(f"[dim]{th['guarantee']}[/]")
+    if summary.get("placement"):
+        where = summary["placement"]
+        console.print(f"[bold]model[/] {cfg.model.name} on {where['device']}, {where['dtype']}")
     table = Table(title="Selection per client (clean = positive)")
     for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
         table.add_column(col, justify="right")
@@ -219,6 +234,8 @@ def score(
     out: Annotated[Path, typer.Option(help="Output SCORES.jsonl.")],
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
     warmup: WarmupOpt = None,
     anchors: Annotated[
@@ -243,6 +260,7 @@ def score(
 
     _setup_logging(False)
     chosen = any_scorer(_not_ensemble(scorer))
+    mcfg = _model_config(model, max_length, device, dtype)
     if is_checkpoint_scorer(chosen.name):
         if warmup is not None and anchors is None:
             raise FedqcError(
@@ -254,7 +272,7 @@ def score(
                 "--moments NODE_DIR (the node's output folder; simulated runs: "
                 "RUN_DIR/clients/client-<i>)"
             )
-        warm = _warmup(chosen.name, warmup, model, max_length)  # a clear error without --warmup
+        warm = _warmup(chosen.name, warmup, mcfg)  # a clear error without --warmup
     elif shots and anchors is None:
         raise FedqcError(
             f"--shots {shots} shows the first {shots} anchors in context: add --anchors "
@@ -266,7 +284,7 @@ def score(
         scores = _score_at_checkpoints(warm, samples, load_samples(anchors), moments)
     else:
         demos = load_samples(anchors) if shots else []
-        scores = _score(model, max_length, samples, chosen, shots, demos)
+        scores = _score(mcfg, samples, chosen, shots, demos)
     with open(out, "w", encoding="utf-8") as fh:
         for s, value in zip(samples, scores.raw, strict=True):
             fh.write(
@@ -278,7 +296,7 @@ def score(
     )
 
 
-def _score(model: str, max_length: int, samples, scorer, shots: int = 0, anchors=()):
+def _score(mcfg: ModelConfig, samples, scorer, shots: int = 0, anchors=()):
     """Forward scores; ``shots`` > 0: the first ``shots`` anchors in context (the anchors
     themselves, when ``samples`` is ``anchors``, each without itself)."""
     from fedqc.data.encoding import encode_all
@@ -286,11 +304,11 @@ def _score(model: str, max_length: int, samples, scorer, shots: int = 0, anchors
     from fedqc.scoring.scorers import score_samples
     from fedqc.scoring.shots import anchor_prefixes, demonstrations
 
-    with console.status(f"loading {model}"):
-        loaded = load(ModelConfig(name=model, max_length=max_length))
+    with console.status(f"loading {mcfg.name}"):
+        loaded = load(mcfg)
     prefixes = None
     if shots:
-        encoded = encode_all(loaded.tokenizer, list(anchors), max_length)
+        encoded = encode_all(loaded.tokenizer, list(anchors), mcfg.max_length)
         if samples is anchors:
             prefixes = anchor_prefixes(encoded, shots)
         else:
@@ -302,13 +320,13 @@ def _score(model: str, max_length: int, samples, scorer, shots: int = 0, anchors
             loaded,
             samples,
             scorer,
-            max_length,
+            mcfg.max_length,
             on_batch=lambda n: progress.advance(task, n),
             prefixes=prefixes,
         )
 
 
-def _warmup(scorer: str, run_dir: Path | None, model: str, max_length: int):
+def _warmup(scorer: str, run_dir: Path | None, mcfg: ModelConfig):
     """(config, loaded model, checkpoints) for a checkpoint scorer, from a run's warm-up."""
     from fedqc.federation.warmup import load_warmup
     from fedqc.models.loading import load
@@ -322,8 +340,15 @@ def _warmup(scorer: str, run_dir: Path | None, model: str, max_length: int):
     saved = run_dir / "config.toml"
     cfg = load_config(saved if saved.is_file() else None)  # the run's LoRA and training settings
     cfg = cfg.replace(
-        **{"model.name": model, "model.max-length": max_length, "quality.scorer": scorer}
+        **{
+            "model.name": mcfg.name,
+            "model.max-length": mcfg.max_length,
+            "model.device": mcfg.device,
+            "model.dtype": mcfg.dtype,
+            "quality.scorer": scorer,
+        }
     )
+    model = mcfg.name
     with console.status(f"loading {model}"):
         loaded = load(cfg.model)
     adapter_keys = set(loaded.initial_adapter)
@@ -399,6 +424,8 @@ def threshold(
     ] = QualityConfig().rule,
     model: ModelOpt = "smollm2-135m",
     max_length: MaxLenOpt = 256,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     warmup: WarmupOpt = None,
     shots: ShotsOpt = 0,
 ) -> None:
@@ -409,6 +436,7 @@ def threshold(
 
     _setup_logging(False)
     chosen, parsed = any_scorer(_not_ensemble(scorer)), parse_rule(rule)
+    mcfg = _model_config(model, max_length, device, dtype)
     if not parsed.is_global:
         raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
     if parsed.needs_histograms:
@@ -419,14 +447,14 @@ def threshold(
     if is_checkpoint_scorer(chosen.name):
         from fedqc.federation.warmup import anchor_side
 
-        cfg, loaded, checkpoints = _warmup(chosen.name, warmup, model, max_length)
+        cfg, loaded, checkpoints = _warmup(chosen.name, warmup, mcfg)
         with console.status(f"scoring anchors at {len(checkpoints)} checkpoints ({chosen.name})"):
             _, scores = anchor_side(
                 cfg, loaded, load_samples(anchors), checkpoints, with_scores=True
             )
     elif parsed.needs_anchors:
         anchor_samples = load_samples(anchors)
-        scores = _score(model, max_length, anchor_samples, chosen, shots, anchor_samples)
+        scores = _score(mcfg, anchor_samples, chosen, shots, anchor_samples)
     else:
         scores = None
     tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
@@ -451,6 +479,8 @@ def filter_(
     from fedqc.quality.selection import select
     from fedqc.scoring.scorers import any_scorer
 
+    if not math.isfinite(threshold):
+        raise FedqcError(f"--threshold {threshold}: τ must be a finite number (fedqc threshold)")
     _refuse_overwrite(out, force)
     records = load_records(data)
     ids, values, scorer_name = read_scores(scores)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,10 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,v_proj"
+    # auto: CUDA, else MPS, else the CPU; bfloat16 where that device runs it natively, else
+    # float32 (fedqc.models.placement). The run records what it used.
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
 
 
 @dataclass
@@ -76,6 +81,7 @@ class TrainConfig:
     dp_mode: str = "off"  # DP-FedAvg: "server" or "client" clipping (Flower's DP wrappers)
     dp_noise_multiplier: float = 1.0  # Gaussian noise std = multiplier × clipping norm / clients
     dp_clipping_norm: float = 1.0  # L2 bound on one client's adapter update per round
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
 
 
 @dataclass
@@ -84,6 +90,7 @@ class FederationConfig:
     join_timeout: float = 600.0  # at start: wait this long for all data.num-clients nodes
     timeout: float = 3600.0  # seconds to wait for replies in one round
     client_cpus: int = 1  # simulation: CPUs per ClientApp
+    client_gpus: float = 0.0  # simulation: share of a GPU per ClientApp (Ray resources)
     fraction_evaluate: float = 0.0  # share of clients that also evaluate the global adapter locally
 
 
@@ -96,6 +103,7 @@ class OutputConfig:
 
 # Keys with a fixed set of values, keys with a lower bound, and keys that must be positive.
 CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.lr-schedule": ("constant", "cosine"),
     "train.dp-mode": ("off", "server", "client"),
 }
@@ -106,8 +114,11 @@ AT_LEAST = {
     "train.rounds": 0,
     "train.dp-noise-multiplier": 0.0,
     "federation.min-nodes": 1,
+    "federation.client-gpus": 0.0,
 }
 POSITIVE = {"train.dp-clipping-norm"}
+# Keys whose value must match a pattern: (regular expression, what to write instead).
+PATTERNS = {"model.device": (r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")}
 
 
 @dataclass
@@ -150,6 +161,10 @@ class Config:
             raise FedqcError(
                 f"{source}: '{key}' must be one of {', '.join(CHOICES[flat_key])}, got {value!r}"
             )
+        if flat_key in PATTERNS and not re.fullmatch(PATTERNS[flat_key][0], value):
+            raise FedqcError(
+                f"{source}: '{key}' must be one of {PATTERNS[flat_key][1]}, got {value!r}"
+            )
         if flat_key in AT_LEAST and not value >= AT_LEAST[flat_key]:
             raise FedqcError(f"{source}: '{key}' must be ≥ {AT_LEAST[flat_key]}, got {value!r}")
         if flat_key in POSITIVE and not value > 0:
@@ -160,13 +175,16 @@ class Config:
         """A copy with some dotted keys changed (keys use '.' and '-' like to_flat())."""
         return Config.from_flat({**self.to_flat(), **flat})
 
-    def to_toml(self) -> str:
+    def to_toml(self, comments: dict[str, str] | None = None) -> str:
+        """The config as TOML; ``comments`` puts a comment after some dotted keys' lines."""
         lines = []
         for section in fields(self):
             lines.append(f"[{section.name}]")
             for f in fields(getattr(self, section.name)):
                 value = getattr(getattr(self, section.name), f.name)
-                lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+                key = f.name.replace("_", "-")
+                note = (comments or {}).get(f"{section.name}.{key}")
+                lines.append(f"{key} = {_toml_value(value)}" + (f"  # {note}" if note else ""))
             lines.append("")
         return "\n".join(lines)
 

@@ -32,6 +32,8 @@ def new_run_dir(out: str | None, force: bool) -> Path:
 
 def check_inputs(cfg: Config) -> None:
     """Stop with one clear line on a bad scorer, rule, model or data file (writes nothing)."""
+    import torch
+
     from fedqc.models.loading import load
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
@@ -75,7 +77,13 @@ def check_inputs(cfg: Config) -> None:
             histogram_edges(placeholder)
         else:
             global_threshold(rule, scorer, placeholder)
-    load(cfg.model)  # a model that does not exist or does not take the LoRA targets
+    if cfg.federation.client_gpus > 0 and not torch.cuda.is_available():
+        raise FedqcError(
+            f"federation.client-gpus = {cfg.federation.client_gpus}, but torch "
+            f"{torch.__version__} sees no CUDA GPU here; set it to 0 (clients on the CPU)"
+        )
+    load(cfg.model)  # a model that does not exist, does not take the LoRA targets, or a device
+    # or dtype (model.device, model.dtype) this machine does not have
 
 
 def client_files(clients: Path) -> list[Path]:
@@ -88,6 +96,16 @@ def client_files(clients: Path) -> list[Path]:
     if not files:
         raise FedqcError(f"{clients}: holds no client-0.jsonl (one client-<i>.jsonl per client)")
     return files
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """``config.toml``, with the device and dtype that ``model.device`` and ``model.dtype`` give
+    on this machine as comments (the keys keep their values, so the file runs anywhere)."""
+    from fedqc.models.placement import resolve
+
+    used = resolve(cfg.model.device, cfg.model.dtype).describe()
+    notes = {f"model.{key}": f"this machine: {value}" for key, value in used.items()}
+    (run_dir / "config.toml").write_text(cfg.to_toml(notes))
 
 
 def prepare(cfg: Config, run_dir: Path) -> Config:
@@ -119,7 +137,7 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
         if path and not Path(path).is_file():
             raise FedqcError(f"data.{key} '{path}': file not found")
     cfg = cfg.replace(**{"data.num-clients": n, "output.run-dir": str(run_dir)})
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    write_config(run_dir, cfg)
     return cfg
 
 
@@ -155,7 +173,7 @@ def prepare_resume(run_dir: Path, overrides: list[str] | None = None) -> Config:
             )
     cfg = cfg.replace(**{"output.run-dir": str(run_dir), "output.resume": True})
     check_inputs(cfg)
-    (run_dir / "config.toml").write_text(cfg.replace(**{"output.resume": False}).to_toml())
+    write_config(run_dir, cfg.replace(**{"output.resume": False}))
     return cfg
 
 
@@ -240,6 +258,7 @@ def summarize(cfg: Config) -> dict:
         selection_metrics(np.concatenate(all_keep), np.concatenate(all_clean)) if all_keep else {}
     )
     summary = {
+        "placement": threshold.get("placement"),
         "threshold": threshold,
         "clients": clients,
         "selection": overall,

@@ -79,8 +79,8 @@ def generate(loaded: LoadedModel, samples: Sequence[Sample], max_new_tokens: int
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
         generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(loaded.placement.device),
+            attention_mask=mask.to(loaded.placement.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,

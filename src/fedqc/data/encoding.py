@@ -79,6 +79,15 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), -100 outside the response
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch with its tensors on ``device``."""
+        if self.input_ids.device == device:
+            return self
+        ids, mask, labels = (
+            t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)
+        )
+        return Batch(self.indices, ids, mask, labels)
+
 
 def collate(items: list[Encoded], indices: list[int], pad_id: int) -> Batch:
     width = max(len(e.input_ids) for e in items)

@@ -150,6 +150,7 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
             "out": str(out_dir),
             "partition-id": pid,
             "seconds": time.perf_counter() - start,
+            **loaded.placement.describe(),
         }
     )
     if "edges" in qc:
@@ -212,7 +213,8 @@ def _select(
         drop_fraction=drop if math.isnan(tau) else None,
     )
     out_dir = Path(str(cache["out"]))
-    _write_local(out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau)
+    placement = {"device": str(cache["device"]), "dtype": str(cache["dtype"])}
+    _write_local(out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, placement)
     epsilon = cfg.quality.dp_epsilon
     counts = _release(
         context,
@@ -309,6 +311,7 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
             lr,
             float(tc["weight-decay"]),
             seed,
+            cfg.train.gradient_checkpointing,
         )
         if warmup:
             save_moments(
@@ -345,7 +348,13 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> RecordDict:
 
 
 def _write_local(
-    out_dir: Path, samples: list[Sample], raw: np.ndarray, keep: np.ndarray, scorer: str, tau: float
+    out_dir: Path,
+    samples: list[Sample],
+    raw: np.ndarray,
+    keep: np.ndarray,
+    scorer: str,
+    tau: float,
+    placement: dict[str, str],
 ) -> None:
     """Per-sample scores and decisions, written on the node only."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +367,7 @@ def _write_local(
         "tau": None if math.isnan(tau) else tau,
         "total": len(samples),
         "kept": int(keep.sum()),
+        "placement": placement,
     }
     (out_dir / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
 

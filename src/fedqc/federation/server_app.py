@@ -336,6 +336,7 @@ def _threshold(
             "direction": "higher is better" if scorer.direction > 0 else "lower is better",
             "rule": str(rule),
             "shots": shots,
+            "placement": loaded.placement.describe(),
             "guarantee": guarantee(rule, oriented),
             "tau": tau,
             "tau_raw": None if tau is None else scorer.raw(tau),

@@ -248,6 +248,7 @@ def anchor_moments(
                 ckpt.lr,
                 t.weight_decay,
                 warmup_seed(t.seed, k, ANCHOR_PID),
+                t.gradient_checkpointing,
             )
             out.append(moments_from_optimizer(loaded.model, optimizer))
     return out

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from fedqc.data.encoding import Batch, Encoded, token_budget_batches
 from fedqc.errors import FedqcError
+from fedqc.models.placement import model_placement
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,11 +38,15 @@ def response_token_nll(
     """NLL of every response token, flattened row by row, and the (rows, T-1) response mask.
 
     ``hidden``: the backbone's last hidden states (rows, T, d); the output head runs only where
-    the next token is a response token (label ≠ -100).
+    the next token is a response token (label ≠ -100), in float32 (so do the log-softmax and every
+    sum after it) whatever dtype the model runs in.
     """
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    head = lm.get_output_embeddings()
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 whatever the model's dtype
+        bias = None if head.bias is None else head.bias.float()
+        logits = F.linear(hidden[:, :-1][keep].float(), head.weight.float(), bias)
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -52,7 +57,8 @@ def prefix_cache(model: torch.nn.Module, prefix: Sequence[int]) -> KV:
     """Every layer's keys and values of ``prefix`` (one row), to put in front of a batch's rows."""
     lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
-    out = backbone(input_ids=torch.tensor([list(prefix)]), use_cache=True)
+    ids = torch.tensor([list(prefix)], device=model_placement(lm).device)
+    out = backbone(input_ids=ids, use_cache=True)
     return [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
@@ -66,20 +72,22 @@ def batch_nll(
     """
     lm = causal_lm(model)
     backbone = getattr(lm, lm.base_model_prefix)
+    batch = batch.to(model_placement(lm).device)
     if prefix is None:
         hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
     else:
         rows, p = batch.input_ids.shape[0], prefix[0][0].shape[-2]
         shared = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
         cache = DynamicCache(ddp_cache_data=shared, config=lm.config)
-        ones = torch.ones(rows, p, dtype=batch.attention_mask.dtype)
+        ones = torch.ones_like(batch.attention_mask[:, :1]).expand(rows, p)
         mask = torch.cat([ones, batch.attention_mask], 1)
         hidden = backbone(
             input_ids=batch.input_ids, attention_mask=mask, cache=cache, use_cache=True
         )[0]
     nll, keep = response_token_nll(lm, hidden, batch.labels)
     rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(len(batch.indices), dtype=nll.dtype).index_add(0, rows, nll)
+    sums = torch.zeros(len(batch.indices), dtype=nll.dtype, device=nll.device)
+    sums = sums.index_add(0, rows, nll)
     counts = keep.sum(dim=1)
     if not last:
         return sums, counts
@@ -131,9 +139,9 @@ def response_losses(
             cache = prefix_cache(model, prefix)
         for batch in token_budget_batches(encoded, batch_tokens, pad_id, rows, len(prefix)):
             s, c, e = batch_nll(model, batch, last=True, prefix=cache)
-            sums[batch.indices] = s.double().numpy()
-            counts[batch.indices] = c.numpy()
-            ends[batch.indices] = e.double().numpy()
+            sums[batch.indices] = s.double().cpu().numpy()
+            counts[batch.indices] = c.cpu().numpy()
+            ends[batch.indices] = e.double().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(batch.indices))
     ends[np.array([e.truncated for e in encoded], dtype=bool)] = np.nan

@@ -17,6 +17,8 @@ from transformers.utils import logging as hf_logging
 from fedqc.config import ModelConfig
 from fedqc.errors import FedqcError
 from fedqc.models import assets
+from fedqc.models.placement import Placement
+from fedqc.models.placement import resolve as resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,12 @@ def resolve(name: str) -> str:
 
 @dataclass
 class LoadedModel:
-    """The one base model of a process with its LoRA adapter attached."""
+    """The one base model of a process with its LoRA adapter attached, and where it runs."""
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     initial_adapter: dict[str, torch.Tensor]
+    placement: Placement
 
     def reset_adapter(self) -> None:
         set_adapter_state(self.model, self.initial_adapter)
@@ -49,18 +52,23 @@ class LoadedModel:
 
 def load(cfg: ModelConfig) -> LoadedModel:
     """Load (or reuse) this process's model; the adapter is reset to its seeded initial state."""
-    loaded = _load_cached(cfg.name, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    placement = resolve_placement(cfg.device, cfg.dtype)
+    loaded = _load_cached(
+        cfg.name, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, placement
+    )
     loaded.reset_adapter()
     return loaded
 
 
 @lru_cache(maxsize=1)
-def _load_cached(name: str, r: int, alpha: int, dropout: float, targets: str) -> LoadedModel:
+def _load_cached(
+    name: str, r: int, alpha: int, dropout: float, targets: str, placement: Placement
+) -> LoadedModel:
     path = resolve(name)
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0]
         raise FedqcError(
@@ -80,11 +88,13 @@ def _load_cached(name: str, r: int, alpha: int, dropout: float, targets: str) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft reads a deprecated HF attribute
-            model = get_peft_model(base, lora)
+            # The LoRA weights stay float32 whatever the base dtype (autocast_adapter_dtype).
+            model = get_peft_model(base, lora, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise FedqcError(f"model '{name}': LoRA targets '{targets}' do not fit ({exc})") from None
+    model.to(placement.device)
     model.eval()
-    return LoadedModel(model, tokenizer, get_adapter_state(model))
+    return LoadedModel(model, tokenizer, get_adapter_state(model), placement)
 
 
 def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

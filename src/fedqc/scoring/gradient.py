@@ -44,6 +44,7 @@ from fedqc.data.encoding import Batch, Encoded, format_prompt, token_budget_batc
 from fedqc.errors import FedqcError
 from fedqc.models.likelihood import batch_nll
 from fedqc.models.loading import get_adapter_state, set_adapter_state
+from fedqc.models.placement import model_placement
 
 ADAM_BETAS = (0.9, 0.999)  # LESS / CLUES (HF AdamW defaults)
 ADAM_EPS = 1e-8  # inside the square root, as in LESS and CLUES
@@ -337,13 +338,16 @@ def per_sample_stats(
     of Γ = m̃/√(ṽ+ε) instead of g (the directions stay as given). ``per_block`` adds the
     statistics per LoRA weight.
     """
+    device = model_placement(model).device
     with LoraHooks(model) as hooks:
         blocks = hooks.blocks
-        dirs = as_directions(directions, blocks) if directions is not None else None
+        dirs = None
+        if directions is not None:
+            dirs = [d.to(device) for d in as_directions(directions, blocks)]
         mom = None
         if moments is not None:
             mom = [
-                tuple(_shaped({b.name: mv}, b, lead=False) for mv in _pair(moments, b))
+                tuple(_shaped({b.name: mv}, b, lead=False).to(device) for mv in _pair(moments, b))
                 for b in blocks
             ]
         n, nb, nd = len(encoded), len(blocks), (dirs[0].shape[0] if dirs else 0)
@@ -355,8 +359,8 @@ def per_sample_stats(
         for batch in token_budget_batches(encoded, batch_tokens, pad_id):
             grads = hooks.backward(batch)
             rows = batch.indices
-            b_sq = torch.zeros(len(rows), nb, dtype=torch.float64)
-            b_dot = torch.zeros(len(rows), nb, nd, dtype=torch.float64)
+            b_sq = torch.zeros(len(rows), nb, dtype=torch.float64, device=device)
+            b_dot = torch.zeros(len(rows), nb, nd, dtype=torch.float64, device=device)
             for j, _b, g in grads.blocks():
                 if mom is not None:
                     g = adam_transform(g, *mom[j], betas, eps)
@@ -364,8 +368,9 @@ def per_sample_stats(
                 b_sq[:, j] = flat.pow(2).sum(1).double()
                 if dirs is not None:
                     b_dot[:, j] = (flat @ dirs[j].reshape(nd, -1).T).double()
-            loss[rows] = grads.loss.double().numpy()
-            counts[rows] = grads.counts.numpy()
+            b_sq, b_dot = b_sq.cpu(), b_dot.cpu()
+            loss[rows] = grads.loss.double().cpu().numpy()
+            counts[rows] = grads.counts.cpu().numpy()
             sq[rows] = b_sq.sum(1).numpy()
             dots[rows] = b_dot.sum(1).numpy()
             if per_block:
@@ -398,12 +403,13 @@ def gradient_sum(
     Each sample's contribution is its own outer-product sum; nothing is summed over the batch
     before the product (that would add cross-sample terms).
     """
+    device = model_placement(model).device
     with LoraHooks(model) as hooks:
         blocks = hooks.blocks
         if weights is not None:
-            w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+            w = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=device)
             w = w.reshape(len(encoded), -1).expand(len(encoded), len(blocks))
-        out = {b.name: torch.zeros(b.shape, dtype=torch.float64) for b in blocks}
+        out = {b.name: torch.zeros(b.shape, dtype=torch.float64, device=device) for b in blocks}
         for batch in token_budget_batches(encoded, batch_tokens, pad_id):
             grads = hooks.backward(batch)
             for j, b in enumerate(blocks):
@@ -421,7 +427,7 @@ def gradient_sum(
                 out[b.name] += (left.reshape(-1, left.shape[-1]).T @ rows).double()
             if on_batch is not None:
                 on_batch(len(batch.indices))
-    return {k: v.float() for k, v in out.items()}
+    return {k: v.float().cpu() for k, v in out.items()}
 
 
 def mean_gradient(

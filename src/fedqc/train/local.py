@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from fedqc.data.encoding import Encoded, collate
-from fedqc.models.likelihood import batch_nll, response_nll
+from fedqc.models.likelihood import batch_nll, causal_lm, response_nll
+from fedqc.models.placement import model_placement
 
 
 def round_lr(lr: float, schedule: str, absolute_round: int, total_rounds: int) -> float:
@@ -33,10 +34,11 @@ def train_steps(
     lr: float,
     weight_decay: float = 0.0,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> float:
     """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss."""
     return train_steps_with_optimizer(
-        model, encoded, pad_id, steps, batch_size, lr, weight_decay, seed
+        model, encoded, pad_id, steps, batch_size, lr, weight_decay, seed, gradient_checkpointing
     )[0]
 
 
@@ -49,25 +51,43 @@ def train_steps_with_optimizer(
     lr: float,
     weight_decay: float = 0.0,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> tuple[float, torch.optim.AdamW]:
-    """:func:`train_steps`, also returning the optimizer (its Adam moments, for ``clues``)."""
+    """:func:`train_steps`, also returning the optimizer (its Adam moments, for ``clues``).
+
+    The LoRA weights and AdamW's state are float32; forward and backward run under autocast in
+    the model's dtype (:mod:`fedqc.models.placement`), float16 with a gradient scaler.
+    ``gradient_checkpointing`` recomputes the activations in the backward pass: less memory for
+    long sequences and big models, about a third more compute.
+    """
     if not encoded:
         raise ValueError("no samples to train on")
     rng = random.Random(seed)
     torch.manual_seed(seed)  # LoRA dropout
+    placement = model_placement(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(placement.device.type, enabled=placement.dtype == torch.float16)
+    lm = causal_lm(model)
+    if gradient_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     losses = []
-    for _ in range(steps):
-        rows = rng.sample(range(len(encoded)), min(batch_size, len(encoded)))
-        sums, counts = batch_nll(model, collate([encoded[i] for i in rows], rows, pad_id))
-        loss = sums.sum() / counts.sum().clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    try:
+        for _ in range(steps):
+            rows = rng.sample(range(len(encoded)), min(batch_size, len(encoded)))
+            with placement.autocast():
+                sums, counts = batch_nll(model, collate([encoded[i] for i in rows], rows, pad_id))
+                loss = sums.sum() / counts.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+    finally:
+        model.eval()
+        if gradient_checkpointing:
+            lm.activation_checkpointing_disable()
     return float(np.mean(losses)), optimizer
 
 
