@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from fedqc.config import Config, ModelConfig
 from fedqc.federation.client_app import build_client_app
-from fedqc.federation.privacy import check_reply, noisy_count
+from fedqc.federation.privacy import adapter_spec, check_reply, noisy_count
 from fedqc.federation.protocol import COUNTS
 from fedqc.federation.server_app import run_server
 from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg, build_strategy
@@ -75,8 +75,9 @@ def test_a_client_reports_noisy_counts_and_reuses_them(
     local = tmp_path / "run" / "clients"
     exact = [json.loads((local / f"client-{i}" / "selection.json").read_text()) for i in (0, 1)]
     stats = {}
+    own = adapter_spec(load(ModelConfig(name=str(tiny_model_dir))).initial_adapter)
     for kind, reply in replies:
-        check_reply(reply.content)
+        check_reply(reply.content, own if kind == "train" else None)
         if kind == "query.score":
             stats[int(reply.content["stats"]["partition-id"])] = dict(reply.content["stats"])
     assert sorted(stats) == [0, 1]
