@@ -8,15 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
+from flwr.supercore.task_identity import TaskIdentity
 from local_grid import LocalGrid, QuietStages
 from safetensors.numpy import load_file
 
 from fedqc.config import Config, ModelConfig
-from fedqc.federation.client_app import build_client_app
+from fedqc.data.samples import load_samples
+from fedqc.federation.client_app import STATE_KEY, build_client_app
 from fedqc.federation.privacy import adapter_spec, check_reply, noisy_count
 from fedqc.federation.protocol import COUNTS
 from fedqc.federation.server_app import run_server
@@ -160,3 +164,48 @@ def test_dp_mode_picks_flowers_wrapper():
         if mode != "off":
             assert (strategy.clipping_norm, strategy.num_sampled_clients) == (0.5, 3)
             assert strategy.strategy.equal_weights  # DP noise assumes equal client weights
+
+
+def _message(content: RecordDict, kind: str) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the server's
+    msg = Message(content, dst_node_id=5, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = kind
+    return msg
+
+
+def test_a_sampled_client_that_kept_nothing_sends_the_global_adapter_and_zero_losses(
+    tiny_model_dir, demo_dir, tmp_path, initial
+):
+    """Under DP a client whose true kept count is 0 can report a positive noisy one and be
+    sampled: it trains on nothing, and what it sends shows that (docs/privacy.md)."""
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "run", **{"quality.dp-epsilon": 1.0})
+    data = demo_dir / "clients" / "client-0.jsonl"
+    n = len(load_samples(data))
+    context = Context(
+        run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
+    context.state[STATE_KEY] = ConfigRecord(
+        {
+            "keep": np.packbits(np.zeros(n, dtype=bool)).tobytes(),
+            "n": n,
+            "data": str(data),
+            "out": str(tmp_path / "client-0"),
+            "reported-kept": 3,  # the noisy kept count it sent
+        }
+    )
+    rng = np.random.default_rng(0)
+    sent = {
+        k: v + torch.from_numpy(rng.normal(0, 0.01, v.shape)).float() for k, v in initial.items()
+    }
+    train = {"local-steps": 2, "batch-size": 2, "lr": 0.01, "lr-schedule": "constant"}
+    train |= {"weight-decay": 0.0, "seed": 0, "max-length": 64, "round-offset": 0}
+    train |= {"total-rounds": 1, "server-round": 1}
+    app = build_client_app(cfg)
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord(train)})
+    reply = app(_message(content, "train"), context)
+    assert dict(reply.content["metrics"]) == {"num-examples": 3, "train-loss": 0.0}
+    back = reply.content["arrays"]
+    assert all(np.array_equal(back[k].numpy(), v.numpy()) for k, v in sent.items())  # no update
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({})})
+    reply = app(_message(content, "evaluate"), context)
+    assert dict(reply.content["metrics"]) == {"num-examples": 3, "eval-loss": 0.0}
