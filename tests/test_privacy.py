@@ -227,6 +227,9 @@ def test_every_reply_of_a_warm_up_and_mixture_run_is_counts_histogram_or_adapter
                     assert isinstance(value, int | float), (key, value)
         assert "score-seconds" not in json.dumps(entry)  # under DP: no timings
         assert not any(t[:30] in json.dumps(entry) for t in texts)
+    budget = json.loads((tmp_path / "run" / "threshold.json").read_text())["privacy_budget"]
+    assert budget["releases"][0] == {"message": "train.warmup", "counts": ["total"], "epsilon": 1.0}
+    assert budget["epsilon_total"] == 4.0  # total, histogram, truncated; query.select's kept
 
 
 # The guard as a mod, against a node whose own adapter is two small LoRA weights.

@@ -16,7 +16,7 @@ The ``mixture`` rule's bin edges are checked on arrival (:func:`check_edges`): t
 ask for a histogram finer than ``MIN_BIN_SHARE`` of the edges' span per bin.
 
 Optional differential privacy for counts: :func:`noisy_count` adds Laplace(1/ε) noise,
-:func:`noisy_histogram` the same per bin.
+:func:`noisy_histogram` the same per bin; :func:`privacy_budget` adds up what a run spends.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from flwr.common.constant import ErrorCode, SType
 
 from fedqc.errors import FedqcError
 from fedqc.federation.protocol import (
+    DP_RELEASES,
+    DP_RELEASES_MIXTURE,
     ERROR_REASONS,
     EVALUATE_METRICS,
     HISTOGRAM_BINS,
@@ -46,6 +48,7 @@ from fedqc.federation.protocol import (
     REASON_INPUT,
     REPLY_COUNTS,
     TRAIN_METRICS,
+    TRAIN_WARMUP,
 )
 
 log = logging.getLogger(__name__)
@@ -234,6 +237,38 @@ def noisy_histogram(counts, epsilon: float, rng: np.random.Generator) -> list[in
     One sample adds 1 to exactly one bin (L1 sensitivity 1), so the whole histogram is ε-DP.
     """
     return [noisy_count(int(c), epsilon, rng) for c in counts]
+
+
+def privacy_budget(
+    epsilon: float, mixture: bool, warmup: bool, query_rounds: int = 1
+) -> dict | None:
+    """What one client's noisy counts cost a run under basic composition (None when ε = 0).
+
+    Every release (``DP_RELEASES``, or ``DP_RELEASES_MIXTURE`` for rule ``mixture``) is ε-DP; the
+    total is their sum, once per query round: a resumed run's clients start afresh and draw new
+    noise. With a checkpoint scorer the total is first sent in the warm-up rounds' num-examples
+    and repeated in query.score.
+    """
+    if epsilon <= 0:
+        return None
+    releases = [
+        {
+            "message": TRAIN_WARMUP if warmup and counts == ("total",) else message,
+            "counts": list(counts),
+            "epsilon": epsilon,
+        }
+        for message, counts in (DP_RELEASES_MIXTURE if mixture else DP_RELEASES)
+    ]
+    per_round = epsilon * len(releases)
+    return {
+        "epsilon": epsilon,
+        "composition": "basic: the sum of every release's epsilon",
+        "releases": releases,
+        "epsilon_per_query_round": per_round,
+        "query_rounds": query_rounds,
+        "epsilon_total": per_round * query_rounds,
+        "covers": "the counts and the histogram only; not the adapters, the losses or timings",
+    }
 
 
 class AuditLog:

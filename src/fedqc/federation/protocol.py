@@ -100,3 +100,20 @@ ERROR_REASONS = (REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED)
 # increasing numbers, and no bin narrower than this share of the edges' span (the server's own
 # edges are evenly spaced: every bin is 1 / HISTOGRAM_BINS of the span).
 MIN_BIN_SHARE = 1 / (2 * HISTOGRAM_BINS)
+
+# Noisy releases per client under quality.dp-epsilon = ε, each Laplace(1/ε) per count: the counts
+# of one release are over disjoint sets of samples (one sample changes at most one of them, by 1),
+# so each release is ε-DP, and the run costs ε per release (basic composition). A count sent again
+# repeats its released value: ``num-examples`` (the total in train.warmup, the kept count in train
+# and evaluate) and, for the mixture rule, query.select's total, non-finite and truncated counts.
+DP_RELEASES = (
+    (QUERY_SCORE, ("total",)),
+    (QUERY_SCORE, ("kept", "rejected-below-threshold", "rejected-non-finite")),
+    (QUERY_SCORE, ("truncated",)),
+)
+DP_RELEASES_MIXTURE = (
+    (QUERY_SCORE, ("total",)),
+    (QUERY_SCORE, (HISTOGRAM_KEY, "rejected-non-finite")),
+    (QUERY_SCORE, ("truncated",)),
+    (QUERY_SELECT, ("kept", "rejected-below-threshold")),
+)
