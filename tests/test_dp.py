@@ -8,17 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
+from flwr.supercore.task_identity import TaskIdentity
 from local_grid import LocalGrid, QuietStages
 from safetensors.numpy import load_file
 
 from fedqc.config import Config, ModelConfig
-from fedqc.federation.client_app import build_client_app
-from fedqc.federation.privacy import check_reply, noisy_count
-from fedqc.federation.protocol import COUNTS
+from fedqc.data.samples import load_samples
+from fedqc.federation.client_app import STATE_KEY, build_client_app
+from fedqc.federation.privacy import adapter_spec, check_reply, noisy_count, privacy_budget
+from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS, HISTOGRAM_KEY
 from fedqc.federation.server_app import run_server
 from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg, build_strategy
 from fedqc.models.loading import load
@@ -75,8 +79,9 @@ def test_a_client_reports_noisy_counts_and_reuses_them(
     local = tmp_path / "run" / "clients"
     exact = [json.loads((local / f"client-{i}" / "selection.json").read_text()) for i in (0, 1)]
     stats = {}
+    own = adapter_spec(load(ModelConfig(name=str(tiny_model_dir))).initial_adapter)
     for kind, reply in replies:
-        check_reply(reply.content)
+        check_reply(reply.content, own if kind == "train" else None)
         if kind == "query.score":
             stats[int(reply.content["stats"]["partition-id"])] = dict(reply.content["stats"])
     assert sorted(stats) == [0, 1]
@@ -159,3 +164,113 @@ def test_dp_mode_picks_flowers_wrapper():
         if mode != "off":
             assert (strategy.clipping_norm, strategy.num_sampled_clients) == (0.5, 3)
             assert strategy.strategy.equal_weights  # DP noise assumes equal client weights
+
+
+def _message(content: RecordDict, kind: str) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the server's
+    msg = Message(content, dst_node_id=5, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = kind
+    return msg
+
+
+def test_a_sampled_client_that_kept_nothing_sends_the_global_adapter_and_zero_losses(
+    tiny_model_dir, demo_dir, tmp_path, initial
+):
+    """Under DP a client whose true kept count is 0 can report a positive noisy one and be
+    sampled: it trains on nothing, and what it sends shows that (docs/privacy.md)."""
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "run", **{"quality.dp-epsilon": 1.0})
+    data = demo_dir / "clients" / "client-0.jsonl"
+    n = len(load_samples(data))
+    context = Context(
+        run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
+    context.state[STATE_KEY] = ConfigRecord(
+        {
+            "keep": np.packbits(np.zeros(n, dtype=bool)).tobytes(),
+            "n": n,
+            "data": str(data),
+            "out": str(tmp_path / "client-0"),
+            "reported-kept": 3,  # the noisy kept count it sent
+        }
+    )
+    rng = np.random.default_rng(0)
+    sent = {
+        k: v + torch.from_numpy(rng.normal(0, 0.01, v.shape)).float() for k, v in initial.items()
+    }
+    train = {"local-steps": 2, "batch-size": 2, "lr": 0.01, "lr-schedule": "constant"}
+    train |= {"weight-decay": 0.0, "seed": 0, "max-length": 64, "round-offset": 0}
+    train |= {"total-rounds": 1, "server-round": 1}
+    app = build_client_app(cfg)
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord(train)})
+    reply = app(_message(content, "train"), context)
+    assert dict(reply.content["metrics"]) == {"num-examples": 3, "train-loss": 0.0}
+    back = reply.content["arrays"]
+    assert all(np.array_equal(back[k].numpy(), v.numpy()) for k, v in sent.items())  # no update
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({})})
+    reply = app(_message(content, "evaluate"), context)
+    assert dict(reply.content["metrics"]) == {"num-examples": 3, "eval-loss": 0.0}
+
+
+def test_the_privacy_budget_adds_up_every_release():
+    assert privacy_budget(0.0, mixture=False, warmup=False) is None
+    plain = privacy_budget(0.5, mixture=False, warmup=False)
+    assert [r["counts"] for r in plain["releases"]] == [
+        ["total"],
+        ["kept", "rejected-below-threshold", "rejected-non-finite"],
+        ["truncated"],
+    ]
+    assert plain["epsilon_total"] == 1.5 and plain["query_rounds"] == 1
+    mixture = privacy_budget(0.5, mixture=True, warmup=True, query_rounds=2)
+    assert [(r["message"], r["counts"]) for r in mixture["releases"]] == [
+        ("train.warmup", ["total"]),
+        ("query.score", ["histogram", "rejected-non-finite"]),
+        ("query.score", ["truncated"]),
+        ("query.select", ["kept", "rejected-below-threshold"]),
+    ]
+    assert mixture["epsilon_per_query_round"] == 2.0 and mixture["epsilon_total"] == 4.0
+    # every count a client can send is in exactly one release of its rule
+    released = [k for r in mixture["releases"] for k in r["counts"]]
+    assert sorted(released) == sorted({*COUNTS, HISTOGRAM_KEY})
+    released = [k for r in plain["releases"] for k in r["counts"]]
+    assert sorted(released) == sorted(COUNTS)
+
+
+def test_a_resumed_run_adds_its_query_round_to_the_budget(tmp_path):
+    from fedqc.federation.server_app import _record_budget
+    from fedqc.quality.rules import parse_rule
+
+    (tmp_path / "threshold.json").write_text(json.dumps({"tau": 1.0}))
+    cfg = Config.from_flat({"quality.dp-epsilon": 0.25})
+    earlier = [{"phase": "query.score"}, {"phase": "train"}, {"phase": "train"}]
+    _record_budget(tmp_path, cfg, parse_rule("fixed:1"), False, ({"participation": earlier}, None))
+    budget = json.loads((tmp_path / "threshold.json").read_text())["privacy_budget"]
+    assert (budget["query_rounds"], budget["epsilon_total"]) == (2, 1.5)
+
+
+def test_a_mixture_run_states_its_budget_and_draws_noise_only_for_it(
+    tiny_model_dir, demo_dir, tmp_path, monkeypatch
+):
+    """Every Laplace draw a client makes is in the budget: count them."""
+    from fedqc.federation import client_app, privacy
+    from fedqc.pipeline import summarize
+
+    draws = []
+
+    def counting(value, epsilon, rng, real=privacy.noisy_count):
+        draws.append(epsilon)
+        return real(value, epsilon, rng)
+
+    monkeypatch.setattr(privacy, "noisy_count", counting)  # the histogram's bins
+    monkeypatch.setattr(client_app, "noisy_count", counting)  # the counts
+    extra = {"quality.dp-epsilon": 0.5, "quality.rule": "mixture", "quality.shots": 0}
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    threshold = json.loads((tmp_path / "run" / "threshold.json").read_text())
+    budget = threshold["privacy_budget"]
+    assert budget["epsilon_total"] == 4 * 0.5 and budget["query_rounds"] == 1
+    per_client = sum(
+        HISTOGRAM_BINS if k == HISTOGRAM_KEY else 1 for r in budget["releases"] for k in r["counts"]
+    )
+    assert per_client == 69 and len(draws) == 2 * per_client and set(draws) == {0.5}
+    assert summarize(cfg)["privacy_budget"] == budget
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["privacy_budget"] == budget

@@ -3,25 +3,54 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedqc.config import Config, ModelConfig
 from fedqc.data.samples import load_samples
-from fedqc.federation.privacy import AuditLog, PrivacyViolation, check_reply, noisy_histogram
+from fedqc.errors import FedqcError
+from fedqc.federation.privacy import (
+    AuditLog,
+    EdgesRefused,
+    OutgoingGuard,
+    PrivacyViolation,
+    check_edges,
+    check_reply,
+    noisy_histogram,
+)
 from fedqc.federation.protocol import (
+    ERROR_REASONS,
     EVALUATE_METRICS,
     HISTOGRAM_BINS,
     HISTOGRAM_REPLY,
+    MIN_BIN_SHARE,
+    REASON_EDGES,
+    REASON_FAILED,
+    REASON_GUARD,
+    REASON_INPUT,
     REPLY_COUNTS,
     TRAIN_METRICS,
 )
 from fedqc.federation.simulation import run_simulation
 from fedqc.models.loading import load
 from fedqc.pipeline import new_run_dir, prepare
+from fedqc.quality.mixture import histogram_edges
 
 
 def test_every_client_message_of_a_run_is_counts_and_adapter_only(
@@ -74,7 +103,8 @@ def _counts(**extra) -> RecordDict:
 
 def test_guard_passes_counts_and_lora_arrays():
     check_reply(_counts())
-    check_reply(RecordDict({"arrays": ArrayRecord({"m.lora_A.weight": torch.zeros(2, 3)})}))
+    own = {"m.lora_A.weight": ((2, 3), "float32")}
+    check_reply(RecordDict({"arrays": ArrayRecord({"m.lora_A.weight": torch.zeros(2, 3)})}), own)
 
 
 @pytest.mark.parametrize(
@@ -197,3 +227,243 @@ def test_every_reply_of_a_warm_up_and_mixture_run_is_counts_histogram_or_adapter
                     assert isinstance(value, int | float), (key, value)
         assert "score-seconds" not in json.dumps(entry)  # under DP: no timings
         assert not any(t[:30] in json.dumps(entry) for t in texts)
+    budget = json.loads((tmp_path / "run" / "threshold.json").read_text())["privacy_budget"]
+    assert budget["releases"][0] == {"message": "train.warmup", "counts": ["total"], "epsilon": 1.0}
+    assert budget["epsilon_total"] == 4.0  # total, histogram, truncated; query.select's kept
+
+
+# The guard as a mod, against a node whose own adapter is two small LoRA weights.
+OWN = {"m.lora_A.weight": ((2, 3), "float32"), "m.lora_B.weight": ((3, 2), "float32")}
+SCORES = torch.linspace(0, 1, 75)  # a client's 75 per-sample scores
+
+
+def _adapter(**changes) -> ArrayRecord:
+    arrays = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.ones(3, 2)}
+    return ArrayRecord({k: v for k, v in (arrays | changes).items() if v is not None})
+
+
+def _train_reply(arrays: ArrayRecord | None = None, **metrics) -> RecordDict:
+    records = {"arrays": arrays if arrays is not None else _adapter()}
+    return RecordDict(records | {"metrics": MetricRecord({"num-examples": 3, **metrics})})
+
+
+def _with_bytes_after_the_values() -> ArrayRecord:
+    record = _adapter()
+    good = record["m.lora_A.weight"]
+    record["m.lora_A.weight"] = Array(good.dtype, good.shape, good.stype, good.data + b"secret")
+    return record
+
+
+def _guarded_reply(kind: str, reply) -> Message:
+    """What leaves a node whose handler returns ``reply`` (content or an Error) for ``kind``."""
+    app = ClientApp(mods=[OutgoingGuard(lambda context: OWN)])
+
+    def handler(msg: Message, context: Context) -> Message:
+        if callable(reply):
+            reply()
+        return Message(reply, reply_to=msg)
+
+    category, _, action = kind.partition(".")
+    getattr(app, category)(action or "default")(handler)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the server's
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    return app(msg, context)
+
+
+def test_the_guard_lets_the_own_adapter_and_counts_leave():
+    assert not _guarded_reply("train", _train_reply(**{"train-loss": 0.5})).has_error()
+    assert not _guarded_reply("train.warmup", _train_reply()).has_error()
+    assert not _guarded_reply("query.score", _counts()).has_error()
+    failed = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=REASON_FAILED)
+    assert _guarded_reply("train", failed).error.reason == REASON_FAILED
+
+
+SMUGGLING = {
+    # arrays: only the node's own adapter, exactly
+    "scores-as-an-extra-lora-key": ("train", _train_reply(_adapter(**{"m.lora_C.weight": SCORES}))),
+    "scores-in-place-of-a-lora-weight": (
+        "train",
+        _train_reply(_adapter(**{"m.lora_A.weight": SCORES})),
+    ),
+    "lora-weight-transposed": (
+        "train",
+        _train_reply(_adapter(**{"m.lora_A.weight": torch.zeros(3, 2)})),
+    ),
+    "lora-weight-float64": (
+        "train",
+        _train_reply(_adapter(**{"m.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64)})),
+    ),
+    "token-ids-as-int64-lora": (
+        "train",
+        _train_reply(_adapter(**{"m.lora_A.weight": torch.arange(6).reshape(2, 3)})),
+    ),
+    "a-lora-weight-missing": ("train", _train_reply(_adapter(**{"m.lora_B.weight": None}))),
+    "bytes-after-the-values": ("train", _train_reply(_with_bytes_after_the_values())),
+    "nan-payload": (
+        "train",
+        _train_reply(_adapter(**{"m.lora_A.weight": torch.full((2, 3), float("nan"))})),
+    ),
+    "adapter-in-a-query-reply": ("query.score", RecordDict({"arrays": _adapter()})),
+    "adapter-in-an-evaluate-reply": ("evaluate", RecordDict({"arrays": _adapter()})),
+    # records and metrics: known records and keys, one number each
+    "scores-as-a-metric-list": ("train", _train_reply(**{"train-loss": SCORES.tolist()})),
+    "a-score-under-an-unknown-key": ("query.score", _counts(**{"sample-7-score": 0.3})),
+    "text-in-a-config-record": (
+        "query.score",
+        RecordDict({"stats": ConfigRecord({"total": 10, "text": "What is 2+3?"})}),
+    ),
+    "string-as-a-metric-in-a-config-record": (
+        "train",
+        RecordDict({"arrays": _adapter(), "metrics": ConfigRecord({"train-loss": "0.5 2+3"})}),
+    ),
+    "an-extra-record": (
+        "query.score",
+        RecordDict({"stats": _counts()["stats"], "debug": MetricRecord({"total": 1})}),
+    ),
+    "token-ids-in-an-extra-array-record": (
+        "query.score",
+        RecordDict({"stats": _counts()["stats"], "tokens": ArrayRecord({"ids": torch.arange(5)})}),
+    ),
+    # the histogram: HISTOGRAM_BINS non-negative integers in stats only
+    "histogram-too-long": ("query.score", _histogram([1] * (HISTOGRAM_BINS + 1))),
+    "histogram-of-floats": ("query.score", _histogram([0.25] * HISTOGRAM_BINS)),
+    "histogram-negative": ("query.score", _histogram([1] * (HISTOGRAM_BINS - 1) + [-3])),
+    "histogram-in-train-metrics": ("train", _train_reply(histogram=[0] * HISTOGRAM_BINS)),
+    # error replies: a fixed reason and code only
+    "text-in-an-error-reason": (
+        "query.score",
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="line 3: 'What is 2+3?'"),
+    ),
+    "data-in-an-error-code": ("query.score", Error(code=1234567, reason=REASON_FAILED)),
+}
+
+
+@pytest.mark.parametrize("kind,reply", SMUGGLING.values(), ids=SMUGGLING.keys())
+def test_the_guard_refuses_every_smuggling_attempt_with_one_line(kind, reply, caplog):
+    with caplog.at_level(logging.ERROR, logger="fedqc.federation.privacy"):
+        sent = _guarded_reply(kind, reply)
+    assert sent.has_error() and not sent.has_content()
+    assert (sent.error.code, sent.error.reason) == (
+        ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+        REASON_GUARD,
+    )
+    lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
+    assert len(lines) == 1 and len(caplog.records) == 1 and not lines[0].exc_info
+    assert "\n" not in lines[0].getMessage() and "2+3" not in lines[0].getMessage()
+
+
+def test_a_failure_leaves_only_a_fixed_reason(caplog):
+    def fail():
+        raise ValueError("line 3 of client-2.jsonl: 'What is 2+3?'")
+
+    def user_error():
+        raise FedqcError("client-2.jsonl, line 3: no 'answer' field")
+
+    with caplog.at_level(logging.ERROR, logger="fedqc.federation.privacy"):
+        sent = _guarded_reply("query.score", fail)
+        assert sent.error.reason == REASON_FAILED
+        assert _guarded_reply("query.score", user_error).error.reason == REASON_INPUT
+    assert "2+3" in caplog.text  # the details stay in the node's log
+    assert set(ERROR_REASONS) == {REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED}
+    assert not any("client-" in r or "2+3" in r for r in ERROR_REASONS)
+
+
+def test_a_node_that_smuggles_is_dropped_with_one_line_and_the_run_goes_on(
+    tmp_path, tiny_model_dir, demo_dir, monkeypatch, caplog
+):
+    """Client 1's train handler adds its per-sample scores as one more LoRA-named array."""
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation import client_app
+    from fedqc.federation.server_app import run_server
+
+    real = client_app.handle_train
+
+    def smuggling(msg, context, cfg):
+        content = real(msg, context, cfg)
+        if int(context.node_config["partition-id"]) == 1:
+            name = next(iter(content["arrays"]))
+            content["arrays"][name.replace("lora_A", "lora_S")] = Array(np.linspace(0, 1, 12))
+        return content
+
+    monkeypatch.setattr(client_app, "handle_train", smuggling)
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.num-clients": 2,
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",  # keeps everything
+            "quality.shots": 0,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "output.run-dir": str(tmp_path / "run"),
+        }
+    )
+    grid = LocalGrid(client_app.build_client_app(cfg), 2)
+    with caplog.at_level(logging.WARNING, logger="fedqc"):
+        run_server(grid, cfg, QuietStages())
+    participation = json.loads((tmp_path / "run" / "participation.json").read_text())
+    train = [e for e in participation if e["phase"] == "train"]
+    assert [e["dropped"] for e in train] == [[{"node": grid.node_of[1], "reason": REASON_GUARD}]]
+    assert train[0]["answered"] == [grid.node_of[0]]
+    stopped = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
+    assert len(stopped) == 1 and "lora_S" in stopped[0].getMessage()
+    dropped = [r for r in caplog.records if f"node {grid.node_of[1]} dropped" in r.getMessage()]
+    assert len(dropped) == 1 and REASON_GUARD in dropped[0].getMessage()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# The mixture rule's bin edges, as a client checks them before it reads any data.
+EVEN = np.linspace(-3.0, 1.0, HISTOGRAM_BINS + 1)
+COMB = np.concatenate([[-100.0], np.linspace(0.5, 0.5 + 1e-3, HISTOGRAM_BINS)])  # 63 fine bins
+
+
+def test_clients_accept_the_servers_own_edges():
+    rng = np.random.default_rng(0)
+    for scale in (1e-5, 1.0, 1e3):
+        assert len(check_edges(histogram_edges(rng.normal(0, scale, 10)).tolist())) == 65
+    check_edges(histogram_edges(np.array([5.0, 5.0])).tolist())  # zero spread: the floor
+    # 63 bins of width 1 and one of 63: uneven, but no bin under 1/128 of the span
+    uneven = [float(i) for i in range(HISTOGRAM_BINS)] + [2.0 * HISTOGRAM_BINS - 2]
+    check_edges(uneven)
+    assert MIN_BIN_SHARE == 1 / (2 * HISTOGRAM_BINS)
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [
+        EVEN[:-1].tolist(),
+        [*EVEN.tolist(), 2.0],
+        [*EVEN[:-1].tolist(), float("nan")],
+        [*EVEN[:-1].tolist(), float("inf")],
+        EVEN[::-1].tolist(),
+        [*EVEN[:32].tolist(), *EVEN[31:-1].tolist()],  # one bin of width 0
+        COMB.tolist(),
+        [0.0, *np.linspace(1.0, 1.0 + 1e-9, HISTOGRAM_BINS).tolist()],
+        [*EVEN[:-1].tolist(), "2.0"],
+    ],
+    ids=["short", "long", "nan", "inf", "decreasing", "repeated", "comb", "needle", "string"],
+)
+def test_clients_refuse_malformed_or_too_fine_edges(edges):
+    with pytest.raises(EdgesRefused):
+        check_edges(edges)
+
+
+def test_a_client_given_too_fine_edges_replies_a_fixed_reason_before_scoring(caplog):
+    from fedqc.federation.client_app import SCORES_KEY, build_client_app
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    config = ConfigRecord({"edges": COMB.tolist(), "model": "smollm2-135m", "tau": float("nan")})
+    msg = Message(RecordDict({"config": config}), dst_node_id=7, message_type="query.score")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    with caplog.at_level(logging.ERROR, logger="fedqc.federation.privacy"):
+        reply = build_client_app(Config.from_flat({}))(msg, context)
+    assert reply.has_error() and reply.error.reason == REASON_EDGES
+    assert SCORES_KEY not in context.state  # refused before scoring
+    assert "finer than this node accepts" in caplog.text

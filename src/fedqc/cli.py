@@ -167,6 +167,12 @@ def _print_summary(summary: dict, cfg: Config) -> None:
     if summary.get("placement"):
         where = summary["placement"]
         console.print(f"[bold]model[/] {cfg.model.name} on {where['device']}, {where['dtype']}")
+    if budget := summary.get("privacy_budget"):
+        console.print(
+            f"[bold]privacy[/] ε = {budget['epsilon_total']:.4g} per client for its counts "
+            f"(basic composition: {len(budget['releases'])} releases × ε = {budget['epsilon']:.4g}"
+            f" × {budget['query_rounds']} query round(s); adapters and losses not covered)"
+        )
     table = Table(title="Selection per client (clean = positive)")
     for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
         table.add_column(col, justify="right")

@@ -264,6 +264,8 @@ def summarize(cfg: Config) -> dict:
         "selection": overall,
         "rounds": _read(run_dir / "metrics.json"),
         "dropouts": dropouts(run_dir),
+        # quality.dp-epsilon > 0: ε per client for the noisy counts (None without noise)
+        "privacy_budget": threshold.get("privacy_budget"),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -25,8 +25,15 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedqc.config import Config
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample, load_samples
-from fedqc.federation.privacy import noisy_count, noisy_histogram, outgoing_guard
-from fedqc.federation.protocol import HISTOGRAM_BINS, HISTOGRAM_KEY, TRAIN_WARMUP
+from fedqc.federation.privacy import (
+    AdapterSpec,
+    OutgoingGuard,
+    adapter_spec,
+    check_edges,
+    noisy_count,
+    noisy_histogram,
+)
+from fedqc.federation.protocol import HISTOGRAM_KEY, TRAIN_WARMUP
 from fedqc.federation.warmup import client_scores, save_moments, warmup_seed
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
 from fedqc.quality.mixture import histogram
@@ -44,12 +51,17 @@ RELEASED_KEY = "fedqc-released"  # counts already sent, as sent (noisy under DP)
 def build_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp using ``cfg``, or (when None) the run config that Flower passes.
 
-    Every reply passes the privacy guard; extra ``mods`` run outside it (they see what leaves).
+    Every reply passes the privacy guard, which checks arrays against this node's own adapter;
+    extra ``mods`` run outside it (they see what leaves).
     """
-    app = ClientApp(mods=[*(mods or []), outgoing_guard])
 
     def config_of(context: Context) -> Config:
         return cfg if cfg is not None else Config.from_flat(dict(context.run_config), "run config")
+
+    def own_adapter(context: Context) -> AdapterSpec:
+        return adapter_spec(load(config_of(context).model).initial_adapter)
+
+    app = ClientApp(mods=[*(mods or []), OutgoingGuard(own_adapter)])
 
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
@@ -118,6 +130,7 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     server's bins; :func:`handle_select` then applies the τ the server fitted.
     """
     qc = msg.content["config"]
+    edges = check_edges(qc["edges"]) if "edges" in qc else None  # before reading any data
     if str(qc["model"]) != cfg.model.name:
         raise ValueError(f"server scores with model {qc['model']}, this node has {cfg.model.name}")
     cfg = cfg.replace(**{"model.max-length": int(qc["max-length"])})
@@ -153,8 +166,8 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
             **loaded.placement.describe(),
         }
     )
-    if "edges" in qc:
-        return _histogram_reply(context, cfg, np.asarray(qc["edges"], dtype=np.float64))
+    if edges is not None:
+        return _histogram_reply(context, cfg, edges)
     return _select(context, cfg, float(qc["tau"]), float(qc["drop-fraction"]), samples)
 
 
@@ -180,8 +193,6 @@ def _extra(cache: ConfigRecord, epsilon: float) -> dict:
 def _histogram_reply(context: Context, cfg: Config, edges: np.ndarray) -> RecordDict:
     """Counts of this node's scores per bin (Laplace noise per bin under DP), and its totals."""
     cache, oriented, _ = _cached_scores(context)
-    if len(edges) != HISTOGRAM_BINS + 1:
-        raise ValueError(f"the server sent {len(edges)} bin edges, not {HISTOGRAM_BINS + 1}")
     epsilon = cfg.quality.dp_epsilon
     counts = histogram(oriented, edges)
     if epsilon > 0:

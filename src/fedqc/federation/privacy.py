@@ -1,37 +1,54 @@
 """A client-side guard: every reply is checked against the protocol before it leaves the node.
 
 A reply may hold only the records the protocol names: ``stats`` and ``metrics`` as MetricRecords of
-scalar numbers under known keys, and ``arrays`` as the LoRA adapter. The one list allowed is
-``stats.histogram`` (the ``mixture`` rule): exactly ``HISTOGRAM_BINS`` non-negative integers.
-Strings, other lists, unknown keys or unknown records (where text, token ids or per-sample scores
-could hide) stop the reply.
+scalar numbers under known keys, and ``arrays`` as this node's own LoRA adapter: exactly its
+parameter names, shapes and dtypes, taken from the node's model (never from the message), as
+finite numbers. The one list allowed is ``stats.histogram`` (the ``mixture`` rule): exactly
+``HISTOGRAM_BINS`` non-negative integers. Strings, other lists, unknown keys or unknown records
+(where text, token ids or per-sample scores could hide) stop the reply.
 
 A failure on the node (an exception in the ClientApp, or a reply the guard stops) leaves it as an
-error reply with a generic reason: Flower would otherwise send the exception's text, which can
-quote data. The details go to the node's own log.
+error reply whose reason is one of the protocol's fixed ``ERROR_REASONS``: Flower would otherwise
+send the exception's text, which can quote data. An error reply with any other reason is replaced
+the same way. The details go to the node's own log.
+
+The ``mixture`` rule's bin edges are checked on arrival (:func:`check_edges`): the server may not
+ask for a histogram finer than ``MIN_BIN_SHARE`` of the edges' span per bin.
 
 Optional differential privacy for counts: :func:`noisy_count` adds Laplace(1/ε) noise,
-:func:`noisy_histogram` the same per bin.
+:func:`noisy_histogram` the same per bin; :func:`privacy_budget` adds up what a run spends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
-from flwr.common.constant import ErrorCode
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.common.constant import ErrorCode, SType
 
+from fedqc.errors import FedqcError
 from fedqc.federation.protocol import (
+    DP_RELEASES,
+    DP_RELEASES_MIXTURE,
+    ERROR_REASONS,
     EVALUATE_METRICS,
     HISTOGRAM_BINS,
     HISTOGRAM_KEY,
     HISTOGRAM_REPLY,
+    MIN_BIN_SHARE,
+    REASON_EDGES,
+    REASON_FAILED,
+    REASON_GUARD,
+    REASON_INPUT,
     REPLY_COUNTS,
     TRAIN_METRICS,
+    TRAIN_WARMUP,
 )
 
 log = logging.getLogger(__name__)
@@ -40,21 +57,33 @@ ALLOWED_METRICS = {
     "stats": set(REPLY_COUNTS) | set(HISTOGRAM_REPLY),
     "metrics": set(TRAIN_METRICS + EVALUATE_METRICS),
 }
+# This node's adapter as the guard expects it: parameter name -> (shape, numpy dtype name).
+AdapterSpec = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 class PrivacyViolation(RuntimeError):
-    """A reply would carry more than counts, aggregate metrics and adapter arrays."""
+    """A reply would carry more than counts, aggregate metrics and this node's adapter arrays."""
 
 
-def check_reply(content, adapter_keys: set[str] | None = None) -> None:
-    """Raise PrivacyViolation unless ``content`` (a RecordDict) is within the protocol."""
+class EdgesRefused(ValueError):
+    """The server's bin edges are malformed, or finer than a client accepts."""
+
+
+def adapter_spec(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The names, shapes and dtypes of an adapter state (``LoadedModel.initial_adapter``)."""
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+
+
+def check_reply(content, adapter: AdapterSpec | None = None) -> None:
+    """Raise PrivacyViolation unless ``content`` (a RecordDict) is within the protocol.
+
+    ``adapter`` is this node's own adapter; without it a reply may hold no arrays.
+    """
     for name, record in content.items():
         if name == "arrays":
             if not isinstance(record, ArrayRecord):
                 raise PrivacyViolation(f"'arrays' must be an ArrayRecord, got {type(record)}")
-            bad = [k for k in record if "lora_" not in k]
-            if bad or (adapter_keys is not None and set(record) != adapter_keys):
-                raise PrivacyViolation(f"'arrays' holds non-adapter entries: {bad[:3]}")
+            check_arrays(record, adapter)
         elif name in ALLOWED_METRICS:
             if not isinstance(record, MetricRecord):
                 raise PrivacyViolation(f"'{name}' must be a MetricRecord, got {type(record)}")
@@ -69,6 +98,37 @@ def check_reply(content, adapter_keys: set[str] | None = None) -> None:
             raise PrivacyViolation(f"reply holds an unknown record '{name}'")
 
 
+def check_arrays(record: ArrayRecord, adapter: AdapterSpec | None) -> None:
+    """Exactly the adapter's names, each with its shape and dtype, as finite numbers."""
+    if adapter is None:
+        raise PrivacyViolation("'arrays' in a reply that may not carry the adapter")
+    if set(record) != set(adapter):
+        unknown, missing = sorted(set(record) - set(adapter)), sorted(set(adapter) - set(record))
+        raise PrivacyViolation(
+            f"'arrays' must hold exactly this node's adapter: {len(unknown)} unknown "
+            f"({unknown[:1]}), {len(missing)} missing ({missing[:1]})"
+        )
+    for key, array in record.items():
+        shape, dtype = adapter[key]
+        if array.stype != SType.NUMPY or array.dtype != dtype or tuple(array.shape) != shape:
+            raise PrivacyViolation(
+                f"'arrays.{key}' is {array.dtype} {tuple(array.shape)}, this node's adapter "
+                f"has {dtype} {shape}"
+            )
+        try:
+            values = array.numpy()
+        except Exception:
+            raise PrivacyViolation(f"'arrays.{key}' does not decode as an array") from None
+        # The bytes must be exactly the array's own serialisation: nothing after it, no other
+        # header, and values that are numbers (a NaN's spare bits could carry data).
+        if Array.from_numpy_ndarray(values).data != array.data:
+            raise PrivacyViolation(f"'arrays.{key}' holds bytes beyond its {dtype} {shape} values")
+        if values.dtype != np.dtype(dtype) or values.shape != shape:
+            raise PrivacyViolation(f"'arrays.{key}' decodes to {values.dtype} {values.shape}")
+        if not np.isfinite(values).all():
+            raise PrivacyViolation(f"'arrays.{key}' holds non-finite values")
+
+
 def check_histogram(value) -> None:
     """A histogram over the server's bins: HISTOGRAM_BINS non-negative integers, nothing else."""
     if not isinstance(value, list) or len(value) != HISTOGRAM_BINS:
@@ -77,31 +137,88 @@ def check_histogram(value) -> None:
         raise PrivacyViolation(f"'stats.{HISTOGRAM_KEY}' must hold non-negative integers only")
 
 
-def outgoing_guard(msg: Message, context: Context, call_next: Callable) -> Message:
-    """Flower mod: let a reply leave the node only if it passes :func:`check_reply`.
+def check_edges(edges) -> np.ndarray:
+    """The mixture rule's bin edges as a client accepts them, or EdgesRefused.
 
-    Any failure becomes an error reply whose reason names only the exception type. A site that
-    sets ``--node-config audit-log=FILE`` gets a line in FILE for every message it sends.
+    HISTOGRAM_BINS + 1 finite numbers, strictly increasing, and every bin at least MIN_BIN_SHARE
+    of the span (edges[-1] - edges[0]): the server chooses where the bins lie, but cannot split
+    one score range finely while the others stay coarse. The check reads only the edges, never
+    this node's data, so a refusal says nothing about the data.
     """
-    kind = msg.metadata.message_type
-    try:
-        reply = call_next(msg, context)
-        if not reply.has_error():
-            check_reply(reply.content)
-    except Exception as exc:  # the node reports that it failed, never what the failure says
-        log.exception("%s failed on this node; the server is told only the exception type", kind)
-        reply = Message(error_for(exc), reply_to=msg)
-    if "audit-log" in context.node_config:
-        write_audit(str(context.node_config["audit-log"]), msg, reply)
-    return reply
+    if not isinstance(edges, list) or not all(
+        isinstance(e, int | float) and not isinstance(e, bool) for e in edges
+    ):
+        raise EdgesRefused("the bin edges must be a list of numbers")
+    if len(edges) != HISTOGRAM_BINS + 1:
+        raise EdgesRefused(f"the server sent {len(edges)} bin edges, not {HISTOGRAM_BINS + 1}")
+    e = np.asarray(edges, dtype=np.float64)
+    if not np.isfinite(e).all():
+        raise EdgesRefused("the bin edges must be finite")
+    widths = np.diff(e)
+    if not (widths > 0).all():
+        raise EdgesRefused("the bin edges must be strictly increasing")
+    span = float(e[-1] - e[0])
+    if not math.isfinite(span) or widths.min() < MIN_BIN_SHARE * span:
+        raise EdgesRefused(
+            f"a bin of width {widths.min():.3g} is narrower than {MIN_BIN_SHARE:.4g} of the "
+            f"edges' span {span:.3g}: finer than this node accepts"
+        )
+    return e
+
+
+def reason_for(exc: BaseException) -> str:
+    """The fixed reason an error reply carries for a failure (never the exception's text)."""
+    if isinstance(exc, EdgesRefused):
+        return REASON_EDGES
+    if isinstance(exc, PrivacyViolation):
+        return REASON_GUARD
+    if isinstance(exc, FedqcError):
+        return REASON_INPUT
+    return REASON_FAILED
 
 
 def error_for(exc: BaseException) -> Error:
-    """The error a node sends for a failure: a code and the exception type, no message text."""
-    return Error(
-        code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-        reason=f"{type(exc).__name__} on the node (details in the node's log)",
-    )
+    """The error a node sends for a failure: a code and one of the fixed reasons."""
+    return Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason_for(exc))
+
+
+class OutgoingGuard:
+    """Flower mod: let a reply leave the node only if it passes :func:`check_reply`.
+
+    ``adapter_of(context)`` gives this node's own adapter (its names, shapes and dtypes), from
+    its model; it is asked only for a train reply that holds arrays (no other reply may). Any
+    failure becomes an error reply with a fixed reason (:func:`reason_for`); an error reply with
+    any other reason or code is replaced the same way. A site that sets ``--node-config
+    audit-log=FILE`` gets a line in FILE for every message it sends.
+    """
+
+    def __init__(self, adapter_of: Callable[[Context], AdapterSpec]) -> None:
+        self.adapter_of = adapter_of
+
+    def __call__(self, msg: Message, context: Context, call_next: Callable) -> Message:
+        kind = msg.metadata.message_type
+        try:
+            reply = call_next(msg, context)
+            if reply.has_error():
+                check_error(reply.error)
+            else:  # only a train reply (train, train.warmup) may carry the adapter
+                trains = kind.split(".")[0] == MessageType.TRAIN and "arrays" in reply.content
+                check_reply(reply.content, self.adapter_of(context) if trains else None)
+        except PrivacyViolation as exc:  # one line: what was stopped (the node's own log)
+            log.error("%s: reply stopped by the privacy guard: %s", kind, exc)
+            reply = Message(error_for(exc), reply_to=msg)
+        except Exception as exc:  # the node reports that it failed, never what the failure says
+            log.exception("%s failed on this node; the server gets only a fixed reason", kind)
+            reply = Message(error_for(exc), reply_to=msg)
+        if "audit-log" in context.node_config:
+            write_audit(str(context.node_config["audit-log"]), msg, reply)
+        return reply
+
+
+def check_error(error: Error) -> None:
+    """An error reply leaves only with the code for a failed ClientApp and a fixed reason."""
+    if error.code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION or error.reason not in ERROR_REASONS:
+        raise PrivacyViolation(f"an error reply with code {error.code} and an unlisted reason")
 
 
 def noisy_count(value: int, epsilon: float, rng: np.random.Generator) -> int:
@@ -120,6 +237,38 @@ def noisy_histogram(counts, epsilon: float, rng: np.random.Generator) -> list[in
     One sample adds 1 to exactly one bin (L1 sensitivity 1), so the whole histogram is ε-DP.
     """
     return [noisy_count(int(c), epsilon, rng) for c in counts]
+
+
+def privacy_budget(
+    epsilon: float, mixture: bool, warmup: bool, query_rounds: int = 1
+) -> dict | None:
+    """What one client's noisy counts cost a run under basic composition (None when ε = 0).
+
+    Every release (``DP_RELEASES``, or ``DP_RELEASES_MIXTURE`` for rule ``mixture``) is ε-DP; the
+    total is their sum, once per query round: a resumed run's clients start afresh and draw new
+    noise. With a checkpoint scorer the total is first sent in the warm-up rounds' num-examples
+    and repeated in query.score.
+    """
+    if epsilon <= 0:
+        return None
+    releases = [
+        {
+            "message": TRAIN_WARMUP if warmup and counts == ("total",) else message,
+            "counts": list(counts),
+            "epsilon": epsilon,
+        }
+        for message, counts in (DP_RELEASES_MIXTURE if mixture else DP_RELEASES)
+    ]
+    per_round = epsilon * len(releases)
+    return {
+        "epsilon": epsilon,
+        "composition": "basic: the sum of every release's epsilon",
+        "releases": releases,
+        "epsilon_per_query_round": per_round,
+        "query_rounds": query_rounds,
+        "epsilon_total": per_round * query_rounds,
+        "covers": "the counts and the histogram only; not the adapters, the losses or timings",
+    }
 
 
 class AuditLog:

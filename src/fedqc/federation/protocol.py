@@ -5,7 +5,7 @@ global adapter; for the checkpoint scorers also the warm-up checkpoints and the 
 (``CHECKPOINT_RECORD``, ``ANCHOR_INFO_RECORD``); for the ``mixture`` rule the bin edges.
 Client → server: counts (``REPLY_COUNTS``), one histogram of scores over the server's fixed bins
 (``HISTOGRAM_KEY``, ``mixture`` only), adapter arrays and aggregate metrics; never text, token ids
-or per-sample scores. A failed client sends only an error code and a generic reason.
+or per-sample scores. A failed client sends only an error code and one of ``ERROR_REASONS``.
 The privacy guard and the privacy test check every client message against these lists.
 """
 
@@ -86,4 +86,34 @@ TRAIN_CONFIG = (
     "max-length",
     "round-offset",
     "total-rounds",
+)
+
+# The only reasons an error reply from a node may carry: the guard (fedqc.federation.privacy)
+# replaces any other reason, so no exception text (which can quote data) leaves the node.
+REASON_INPUT = "FedqcError on the node (details in the node's log)"  # its data or settings
+REASON_GUARD = "PrivacyViolation on the node (details in the node's log)"  # a reply stopped
+REASON_EDGES = "bin edges refused by the node (details in the node's log)"  # mixture's edges
+REASON_FAILED = "Exception on the node (details in the node's log)"  # anything else
+ERROR_REASONS = (REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED)
+
+# The mixture rule's bin edges, as a client accepts them: HISTOGRAM_BINS + 1 finite, strictly
+# increasing numbers, and no bin narrower than this share of the edges' span (the server's own
+# edges are evenly spaced: every bin is 1 / HISTOGRAM_BINS of the span).
+MIN_BIN_SHARE = 1 / (2 * HISTOGRAM_BINS)
+
+# Noisy releases per client under quality.dp-epsilon = ε, each Laplace(1/ε) per count: the counts
+# of one release are over disjoint sets of samples (one sample changes at most one of them, by 1),
+# so each release is ε-DP, and the run costs ε per release (basic composition). A count sent again
+# repeats its released value: ``num-examples`` (the total in train.warmup, the kept count in train
+# and evaluate) and, for the mixture rule, query.select's total, non-finite and truncated counts.
+DP_RELEASES = (
+    (QUERY_SCORE, ("total",)),
+    (QUERY_SCORE, ("kept", "rejected-below-threshold", "rejected-non-finite")),
+    (QUERY_SCORE, ("truncated",)),
+)
+DP_RELEASES_MIXTURE = (
+    (QUERY_SCORE, ("total",)),
+    (QUERY_SCORE, (HISTOGRAM_KEY, "rejected-non-finite")),
+    (QUERY_SCORE, ("truncated",)),
+    (QUERY_SELECT, ("kept", "rejected-below-threshold")),
 )

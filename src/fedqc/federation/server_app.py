@@ -35,6 +35,8 @@ from fedqc.federation.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedqc.federation.privacy import privacy_budget
+from fedqc.federation.protocol import QUERY_SCORE
 from fedqc.federation.query import query_round
 from fedqc.federation.strategy import ParticipationGrid, build_strategy
 from fedqc.federation.warmup import (
@@ -49,7 +51,7 @@ from fedqc.federation.warmup import (
 )
 from fedqc.models.loading import load, set_adapter_state
 from fedqc.quality.mixture import histogram_edges
-from fedqc.quality.rules import global_threshold, guarantee, parse_rule
+from fedqc.quality.rules import Rule, global_threshold, guarantee, parse_rule
 from fedqc.scoring.ensemble import calibrate, is_ensemble
 from fedqc.scoring.scorers import (
     any_scorer,
@@ -167,6 +169,7 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
     }
     initial = ArrayRecord(loaded.initial_adapter)
     stages.stage(f"phase 1: {len(nodes)} clients score and select locally")
+    _record_budget(run_dir, cfg, rule, checkpoints is not None, resumed)  # before they answer
     tau, replies, dropped = query_round(
         grid, nodes, cfg, qc, {"arrays": initial, **records}, scorer, anchor_oriented, run_dir
     )
@@ -360,6 +363,28 @@ def _threshold(
     if tau is not None:
         log.info("phase 1: τ = %.5g (%s, raw %s = %.5g)", tau, rule, scorer.name, scorer.raw(tau))
     return scorer, tau, oriented, extra, records
+
+
+def _record_budget(
+    run_dir: Path, cfg: Config, rule: Rule, warmup: bool, resumed: tuple[dict, ArrayRecord] | None
+) -> None:
+    """threshold.json's ``privacy_budget``: what one client's noisy counts cost this run so far
+    (:func:`fedqc.federation.privacy.privacy_budget`), counting the query rounds of the earlier
+    starts of a resumed run (from its checkpoint's participation log) and this one."""
+    earlier = resumed[0]["participation"] if resumed else []
+    rounds = 1 + sum(e["phase"] == QUERY_SCORE for e in earlier)
+    budget = privacy_budget(cfg.quality.dp_epsilon, rule.needs_histograms, warmup, rounds)
+    path = run_dir / "threshold.json"
+    _write_json(path, json.loads(path.read_text()) | {"privacy_budget": budget})
+    if budget is not None:
+        log.info(
+            "privacy: ε = %.4g per client for the counts (basic composition, %d releases × "
+            "ε = %.4g, %d query round(s))",
+            budget["epsilon_total"],
+            len(budget["releases"]),
+            budget["epsilon"],
+            rounds,
+        )
 
 
 def _check_same_selection(saved: list[dict], now: list[dict]) -> None:
