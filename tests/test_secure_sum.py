@@ -1,13 +1,27 @@
 """quality.secure-sum: the server learns only the sums of the phase-1 counts and histogram.
 
-The protocol on its own (fedqc.federation.secure_sum).
+The protocol on its own (fedqc.federation.secure_sum), then phase 1 in-process (LocalGrid, no Ray,
+train.rounds = 0) against a plaintext run: the same sums, τ and per-sample decisions, and the exact
+sum of the survivors when a node dies after sharing its keys.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from local_grid import LocalGrid, QuietStages
 
+from fedqc.cli import _print_summary, console
+from fedqc.config import Config
+from fedqc.data.demo import write_demo
+from fedqc.errors import FedqcError
+from fedqc.federation.client_app import build_client_app
+from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS
 from fedqc.federation.secure_sum import (
     MODULUS,
     SecureSumError,
@@ -18,6 +32,9 @@ from fedqc.federation.secure_sum import (
     threshold_for,
     unmask_sum,
 )
+from fedqc.federation.server_app import run_server
+from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg
+from fedqc.pipeline import summarize, summary_notes
 
 # --- the protocol on its own -----------------------------------------------------------------
 
@@ -106,3 +123,182 @@ def test_a_client_refuses_keys_it_did_not_send_and_values_outside_the_ring():
     ]
     with pytest.raises(SecureSumError, match=r"\[0, 2\^32\)"):
         client_mask(state, [b"", ciphertexts[1][0]], [-1, 0, 0, 0, 0])
+
+
+# --- phase 1 in-process: secure against plaintext --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_clients(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo3")
+    write_demo(
+        out,
+        num_clients=3,
+        samples_per_client=10,
+        num_anchors=4,
+        num_eval=4,
+        contamination="0.2,0.5,0.8",
+        seed=2,
+    )
+    return out
+
+
+def _run(
+    tiny_model_dir, demo: Path, run_dir: Path, secure: bool, dies=None, rounds: int = 0
+) -> dict:
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 48,
+            "data.clients-dir": str(demo / "clients"),
+            "data.anchors": str(demo / "anchors.jsonl"),
+            "data.num-clients": 3,
+            "quality.scorer": "ppl",
+            "quality.rule": "mixture",
+            "quality.shots": 0,
+            "quality.secure-sum": secure,
+            "quality.allow-empty": True,
+            "train.rounds": rounds,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(run_dir),
+        }
+    )
+    run_server(LocalGrid(build_client_app(cfg), 3, dies=dies), cfg, QuietStages())
+    local = {pid: run_dir / "clients" / f"client-{pid}" for pid in range(3)}
+    return {
+        "cfg": cfg,
+        "selection": json.loads((run_dir / "selection.json").read_text()),
+        "threshold": json.loads((run_dir / "threshold.json").read_text()),
+        "keep": {
+            pid: [
+                json.loads(line)["keep"] for line in (d / "scores.jsonl").read_text().splitlines()
+            ]
+            for pid, d in local.items()
+            if (d / "scores.jsonl").is_file()
+        },
+    }
+
+
+def test_a_secure_sum_run_gives_the_plaintext_sums_tau_and_decisions(
+    tiny_model_dir, three_clients, tmp_path
+):
+    plain = _run(tiny_model_dir, three_clients, tmp_path / "plain", secure=False)
+    secure = _run(tiny_model_dir, three_clients, tmp_path / "secure", secure=True, rounds=1)
+    clients = plain["selection"]["clients"]
+    assert len(clients) == 3 and secure["selection"]["clients"] is None
+    sums = {k: sum(int(c[k]) for c in clients) for k in COUNTS}
+    assert secure["selection"]["sums"] == plain["selection"]["sums"] == sums
+    assert secure["selection"]["secure_sum"] and not plain["selection"]["secure_sum"]
+    assert [n["partition-id"] for n in secure["selection"]["nodes"]] == [0, 1, 2]
+    # the mixture: the same summed histogram, so the same fit and τ
+    assert len(secure["threshold"]["histogram"]) == HISTOGRAM_BINS
+    assert secure["threshold"]["histogram"] == plain["threshold"]["histogram"]
+    assert secure["threshold"]["tau"] == plain["threshold"]["tau"]
+    assert secure["threshold"]["clients_in_histogram"] == 3
+    assert secure["keep"] == plain["keep"] and len(secure["keep"]) == 3
+    # the run summary: totals from the sums, rows from the clients' own files on this machine
+    summary = summarize(secure["cfg"])
+    assert summary["secure_sum"] and summary["totals"] == sums
+    assert [(r["client"], r["kept"]) for r in summary["clients"]] == [
+        (c["partition-id"], c["kept"]) for c in clients
+    ]
+    assert "f1" in summary["selection"]  # ground truth against the clients' local decisions
+    assert any("secure sum" in note for note in summary_notes(summary))
+    # phase 2: the server cannot tell who kept nothing, so every node that answered is asked
+    participation = json.loads((tmp_path / "secure" / "participation.json").read_text())
+    train = [e for e in participation if e["phase"] == "train"]
+    assert len(train) == 1 and len(train[0]["answered"]) == 3
+    with console.capture() as printed:
+        _print_summary(summary, secure["cfg"])
+    assert "secure sum the server learned only the 'all' row; the rows per client below" in (
+        printed.get()
+    )
+
+
+def test_without_local_files_the_summary_says_per_client_rows_are_unavailable(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sums = {"total": 30, "kept": 20, "rejected-below-threshold": 9}
+    sums |= {"rejected-non-finite": 1, "truncated": 2}
+    (run_dir / "threshold.json").write_text(
+        json.dumps(
+            {"scorer": "ppl", "direction": "lower is better", "rule": "mixture"}
+            | {"tau": 1.0, "tau_raw": 2.7}
+        )
+    )
+    selection = {"tau": 1.0, "rule": "mixture", "secure_sum": True, "sums": sums}
+    selection |= {"nodes": [{"node": 5, "partition-id": 0}], "clients": None, "dropped": []}
+    (run_dir / "selection.json").write_text(json.dumps(selection))
+    (run_dir / "metrics.json").write_text("[]")
+    cfg = Config.from_flat({"output.run-dir": str(run_dir), "data.clients-dir": str(tmp_path)})
+    summary = summarize(cfg)
+    assert summary["clients"] == [] and summary["totals"] == sums
+    notes = summary_notes(summary)
+    assert (
+        "secure sum: the server learned only the sums over clients; per-client rows are "
+        in (notes[0])
+    )
+    assert "2 samples were longer than model.max-length and were truncated" in notes
+    with console.capture() as printed:
+        _print_summary(summary, cfg)
+    text = printed.get().replace("\n", " ")
+    assert "per-client rows unavailable" in text and "30" in text and "20" in text
+
+
+def test_a_round_in_which_only_nodes_that_kept_nothing_answer_keeps_the_adapter():
+    grid = ParticipationGrid(LocalGrid(ClientApp(), 2))
+    strategy = QualityFedAvg({1: 0, 2: 1}, grid)
+
+    def reply(kept: int) -> Message:
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))})})
+        content["metrics"] = MetricRecord({"num-examples": kept, "train-loss": 0.0})
+        return Message(content, reply_to=Message(RecordDict(), dst_node_id=1, message_type="train"))
+
+    assert strategy.aggregate_train(1, [reply(0), reply(0)]) == (None, None)
+    arrays, _ = strategy.aggregate_train(1, [reply(0), reply(3)])
+    assert arrays["w"].numpy().tolist() == [1.0, 1.0]
+
+
+def test_a_node_dead_after_sharing_keys_leaves_the_exact_sum_of_the_survivors(
+    tiny_model_dir, three_clients, tmp_path
+):
+    run_dir = tmp_path / "dropout"
+    secure = _run(tiny_model_dir, three_clients, run_dir, secure=True, dies={1: ("query.score", 0)})
+    selection = secure["selection"]
+    assert [n["partition-id"] for n in selection["nodes"]] == [0, 2]
+    survivors = [
+        json.loads((run_dir / "clients" / f"client-{pid}" / "selection.json").read_text())
+        for pid in (0, 2)
+    ]
+    assert selection["sums"] == {k: sum(s[k] for s in survivors) for k in COUNTS}
+    assert {d["reason"] for d in selection["dropped"]} == {"Error: Node Unavailable"}
+    participation = json.loads((run_dir / "participation.json").read_text())
+    phases = [e["phase"] for e in participation]
+    assert phases == ["query.keys", "query.shares", "query.score", "query.unmask"] + [
+        "query.keys",
+        "query.shares",
+        "query.select",
+        "query.unmask",
+    ]
+    summary = summarize(secure["cfg"])
+    assert summary["totals"] == selection["sums"]
+    assert [r["client"] for r in summary["clients"]] == [0, 2]
+
+
+def test_secure_sum_needs_two_nodes(tiny_model_dir, demo_dir, tmp_path):
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.num-clients": 1,
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",
+            "quality.secure-sum": True,
+            "train.rounds": 0,
+            "output.run-dir": str(tmp_path / "run"),
+        }
+    )
+    with pytest.raises(FedqcError, match="quality.secure-sum needs at least 2 nodes"):
+        run_server(LocalGrid(build_client_app(cfg), 1), cfg, QuietStages())

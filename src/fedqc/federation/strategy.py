@@ -174,10 +174,38 @@ class QualityFedAvg(FedAvg):
                 if not reply.has_error():
                     for record in reply.content.metric_records.values():
                         record[self.weighted_by_key] = 1
+        if self._all_weightless(ordered):
+            # quality.secure-sum: the server does not know who kept nothing, so such nodes are
+            # asked too; a round in which only they answered leaves the adapter as it was.
+            log.warning(
+                "round %d: every node that answered kept no samples: the adapter stays as it was",
+                server_round + self.round_offset,
+            )
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, ordered)
         if metrics is not None:
             self.train_metrics[server_round + self.round_offset] = dict(metrics)
         return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        if self._all_weightless(replies):  # as in aggregate_train: nothing to average
+            return None
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _all_weightless(self, replies: list[Message]) -> bool:
+        """Every reply weighs 0 (FedAvg would divide by 0): only nodes that kept nothing."""
+        if self.equal_weights:
+            return False
+        weights = [
+            float(record.get(self.weighted_by_key, 0))
+            for reply in replies
+            if not reply.has_error()
+            for record in reply.content.metric_records.values()
+        ]
+        return bool(weights) and not any(weights)
 
 
 def build_strategy(
