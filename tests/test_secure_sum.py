@@ -20,7 +20,7 @@ from fedqc.cli import _print_summary, console
 from fedqc.config import Config
 from fedqc.data.demo import write_demo
 from fedqc.errors import FedqcError
-from fedqc.federation.client_app import build_client_app
+from fedqc.federation.client_app import RELEASED_KEY, build_client_app
 from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS
 from fedqc.federation.secure_sum import (
     MODULUS,
@@ -302,3 +302,33 @@ def test_secure_sum_needs_two_nodes(tiny_model_dir, demo_dir, tmp_path):
     )
     with pytest.raises(FedqcError, match="quality.secure-sum needs at least 2 nodes"):
         run_server(LocalGrid(build_client_app(cfg), 1), cfg, QuietStages())
+
+
+def test_under_dp_the_secure_sum_adds_the_noisy_counts_each_client_released(
+    tiny_model_dir, three_clients, tmp_path
+):
+    """Noisy counts are rounded and clipped at 0 on the client, so integers: masked as they are."""
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 48,
+            "data.clients-dir": str(three_clients / "clients"),
+            "data.num-clients": 3,
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",
+            "quality.shots": 0,
+            "quality.secure-sum": True,
+            "quality.dp-epsilon": 0.5,
+            "quality.allow-empty": True,
+            "train.rounds": 0,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(tmp_path / "run"),
+        }
+    )
+    grid = LocalGrid(build_client_app(cfg), 3)
+    run_server(grid, cfg, QuietStages())
+    released = [dict(c.state[RELEASED_KEY]) for c in grid.contexts.values()]
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert selection["sums"] == {k: sum(r[k] for r in released) for k in COUNTS}
+    threshold = json.loads((tmp_path / "run" / "threshold.json").read_text())
+    assert threshold["privacy_budget"]["epsilon_total"] == 3 * 0.5  # the sum is post-processing
