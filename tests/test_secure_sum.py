@@ -332,3 +332,15 @@ def test_under_dp_the_secure_sum_adds_the_noisy_counts_each_client_released(
     assert selection["sums"] == {k: sum(r[k] for r in released) for k in COUNTS}
     threshold = json.loads((tmp_path / "run" / "threshold.json").read_text())
     assert threshold["privacy_budget"]["epsilon_total"] == 3 * 0.5  # the sum is post-processing
+
+
+def test_too_many_dropouts_stop_the_secure_sum_with_one_line(
+    tiny_model_dir, three_clients, tmp_path
+):
+    dies = {1: ("query.score", 0), 2: ("query.score", 0)}  # 1 of 3 left; a majority is 2
+    with pytest.raises(
+        FedqcError,
+        match=r"secure sum: only 1 of 3 nodes sent their masked "
+        r"query.score reply; the sum needs 2",
+    ):
+        _run(tiny_model_dir, three_clients, tmp_path / "run", secure=True, dies=dies)

@@ -306,8 +306,9 @@ def run_session(
     node that dropped out of any step with the reason).
 
     ``content_of(node)`` is the data message's content; the session adds its ciphertexts. Fewer
-    than max(2, ``need``) answers to the keys, or than max(threshold, ``need``) to a later step,
-    stop the run (FedqcError, from the grid); so does a reply that breaks the protocol.
+    than max(2, ``need``) answers to the keys, or than ``need`` (the grid's check) or the
+    threshold to a later step, stop the run (FedqcError); so does a reply that breaks the
+    protocol.
     """
     dropped: list[dict] = []
     first = max(2, need)
@@ -319,13 +320,18 @@ def run_session(
     if len(set(pk1s) | set(pk2s)) != 2 * len(slots):
         raise FedqcError("secure sum: two nodes sent the same public key")
     n, t = len(slots), threshold_for(len(slots))
-    grid.min_answers |= {
-        SECURE_SHARES: max(t, need),
-        kind: max(t, need),
-        SECURE_UNMASK: t,
-    }
+    grid.min_answers |= {SECURE_SHARES: need, kind: need, SECURE_UNMASK: need}
+
+    def enough(answered: int, what: str) -> None:
+        if answered < t:
+            raise FedqcError(
+                f"secure sum: only {answered} of {n} nodes {what}; the sum needs {t} (a majority "
+                f"of the {n} that sent keys): too many dropped out"
+            )
+
     asked = {node: {"slot": i, "pk1": pk1s, "pk2": pk2s} for i, node in enumerate(slots)}
     sent = _exchange(grid, asked, SECURE_SHARES, timeout, dropped)
+    enough(len(sent), "sent their shares")
     ciphertexts = {slots.index(node): list(r["ciphertexts"]) for node, r in sent.items()}
     if any(len(c) != n for c in ciphertexts.values()):
         raise FedqcError("secure sum: a node sent shares for another number of slots")
@@ -346,9 +352,11 @@ def run_session(
         if len(vector) != length or not all(0 <= int(v) < MODULUS for v in vector):
             raise FedqcError(f"secure sum: node {slots[i]} sent a malformed masked vector")
         masked[i], partition[slots[i]] = vector, int(reply["stats"]["partition-id"])
+    enough(len(masked), f"sent their masked {kind} reply")
     active, dead = sorted(masked), [i for i in senders if i not in masked]
     asked = {slots[i]: {"active": active, "dead": dead} for i in active}
     answers = _exchange(grid, asked, SECURE_UNMASK, timeout, dropped)
+    enough(len(answers), "answered query.unmask")
     held: dict[int, list[bytes]] = {s: [] for s in (*active, *dead)}
     for answer in answers.values():
         for s, share in zip((*active, *dead), answer["shares"], strict=True):
