@@ -21,7 +21,8 @@ from fedqc.config import Config
 from fedqc.data.demo import write_demo
 from fedqc.errors import FedqcError
 from fedqc.federation.client_app import RELEASED_KEY, build_client_app
-from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS
+from fedqc.federation.privacy import AuditLog
+from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS, MASKED_KEY
 from fedqc.federation.secure_sum import (
     MODULUS,
     SecureSumError,
@@ -33,8 +34,9 @@ from fedqc.federation.secure_sum import (
     unmask_sum,
 )
 from fedqc.federation.server_app import run_server
+from fedqc.federation.simulation import run_simulation
 from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg
-from fedqc.pipeline import summarize, summary_notes
+from fedqc.pipeline import new_run_dir, prepare, summarize, summary_notes
 
 # --- the protocol on its own -----------------------------------------------------------------
 
@@ -344,3 +346,45 @@ def test_too_many_dropouts_stop_the_secure_sum_with_one_line(
         r"query.score reply; the sum needs 2",
     ):
         _run(tiny_model_dir, three_clients, tmp_path / "run", secure=True, dies=dies)
+
+
+def test_a_simulated_secure_sum_run_sends_only_masked_vectors(tmp_path, tiny_model_dir, demo_dir):
+    """Flower's simulation runtime (Ray): the session's records cross the real message path."""
+    audit = tmp_path / "audit.jsonl"
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.anchors": str(demo_dir / "anchors.jsonl"),
+            "quality.scorer": "ppl",
+            "quality.rule": "mixture",
+            "quality.shots": 0,
+            "quality.secure-sum": True,
+            "quality.allow-empty": True,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+        }
+    )
+    cfg = prepare(cfg, new_run_dir(str(tmp_path / "run"), force=False))
+    run_simulation(cfg, cfg.data.num_clients, client_mods=[AuditLog(str(audit))])
+
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    session = ["query.keys", "query.shares", "query.unmask"]
+    kinds = sorted(e["message_type"] for e in entries)
+    assert kinds == sorted((session * 2 + ["query.score", "query.select", "train"]) * 2)
+    for entry in entries:
+        assert not entry["error"], entry
+        if entry["message_type"] in ("query.score", "query.select"):
+            assert set(entry["records"]) == {"stats"}
+            assert set(entry["records"]["stats"]["entries"]) == {MASKED_KEY, "partition-id"}
+    run_dir = Path(cfg.output.run_dir)
+    selection = json.loads((run_dir / "selection.json").read_text())
+    local = [
+        json.loads((run_dir / "clients" / f"client-{pid}" / "selection.json").read_text())
+        for pid in (0, 1)
+    ]
+    assert selection["clients"] is None
+    assert selection["sums"] == {k: sum(c[k] for c in local) for k in COUNTS}
+    assert summarize(cfg)["totals"] == selection["sums"]
