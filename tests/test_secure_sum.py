@@ -33,7 +33,7 @@ from fedqc.federation.secure_sum import (
     threshold_for,
     unmask_sum,
 )
-from fedqc.federation.server_app import run_server
+from fedqc.federation.server_app import _check_same_selection, run_server
 from fedqc.federation.simulation import run_simulation
 from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg
 from fedqc.pipeline import new_run_dir, prepare, summarize, summary_notes
@@ -388,3 +388,19 @@ def test_a_simulated_secure_sum_run_sends_only_masked_vectors(tmp_path, tiny_mod
     assert selection["clients"] is None
     assert selection["sums"] == {k: sum(c[k] for c in local) for k in COUNTS}
     assert summarize(cfg)["totals"] == selection["sums"]
+
+
+def test_a_resumed_secure_sum_run_checks_the_summed_counts_of_the_same_clients():
+    nodes = [{"node": 5, "partition-id": 0}, {"node": 6, "partition-id": 1}]
+    sums = {"total": 24, "kept": 18}
+    saved = {"clients": None, "sums": sums, "nodes": nodes}
+    _check_same_selection(saved, {"clients": None, "sums": dict(sums), "nodes": nodes})
+    with pytest.raises(FedqcError, match="now keeps 17 of 24 samples, but kept 18 of 24"):
+        _check_same_selection(saved, {"clients": None, "sums": sums | {"kept": 17}, "nodes": nodes})
+    # one client is missing now: its counts are not in the sum, so the sums cannot be compared
+    _check_same_selection(
+        saved, {"clients": None, "sums": {"total": 12, "kept": 9}, "nodes": nodes[:1]}
+    )
+    # a checkpoint of a plaintext run holds the per-client list
+    plain = [{"partition-id": 0, "total": 12, "kept": 9}]
+    _check_same_selection(plain, {"clients": None, "sums": sums, "nodes": nodes})

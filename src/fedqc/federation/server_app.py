@@ -414,12 +414,18 @@ def _selection(phase1, rule: Rule) -> dict:
 
 def _check_same_selection(saved: dict | list, now: dict) -> None:
     """A resumed run must select what the interrupted one did (scoring is deterministic): each
-    client's counts, or under a secure sum the summed ones."""
+    client's counts, or under a secure sum the summed ones when the same clients answered."""
     if isinstance(saved, list):  # a checkpoint written before selection.json held the sums
         saved = {"clients": saved, "sums": None}
     if saved.get("clients") is None or now["clients"] is None:
         old, new = saved.get("sums"), now["sums"]
-        if old is not None and (old["total"], old["kept"]) != (new["total"], new["kept"]):
+
+        def pids(selection: dict) -> list[int]:
+            return sorted(n["partition-id"] for n in selection.get("nodes", []))
+
+        if old is None or pids(saved) != pids(now):  # other clients answered: sums differ
+            return
+        if (old["total"], old["kept"]) != (new["total"], new["kept"]):
             raise FedqcError(
                 f"cannot resume: the federation now keeps {new['kept']} of {new['total']} "
                 f"samples, but kept {old['kept']} of {old['total']} when the run started; its "
