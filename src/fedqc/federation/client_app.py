@@ -3,8 +3,11 @@
 Everything per-sample (text, token ids, scores, decisions) stays on the node: it is written to the
 node's own output folder and kept in ``context.state``; replies carry counts, the mixture rule's
 histogram over fixed bins, and adapter arrays. A node with no kept samples sits out training (the
-server does not sample it). For the checkpoint scorers the node first trains in the warm-up rounds
-on all its samples and keeps its Adam moments (``fedqc.federation.warmup``).
+server does not sample it); under ``quality.secure-sum``, where the server knows only the summed
+counts, it is asked and replies a zero-weight update. The secure sum's keys and shares stay in
+``context.state`` too (:mod:`fedqc.federation.secure_sum`). For the checkpoint scorers the node
+first trains in the warm-up rounds on all its samples and keeps its Adam moments
+(``fedqc.federation.warmup``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ error reply whose reason is one of the protocol's fixed ``ERROR_REASONS``: Flowe
 send the exception's text, which can quote data. An error reply with any other reason is replaced
 the same way. The details go to the node's own log.
 
+Under ``quality.secure-sum`` the data replies hold only the masked vector and the partition id
+(:func:`check_masked`), and the secure sum's own replies (keys, encrypted shares, unmasking shares)
+exactly the byte strings of the sizes Flower's primitives give (:func:`check_secure_reply`).
+
 The ``mixture`` rule's bin edges are checked on arrival (:func:`check_edges`): the server may not
 ask for a histogram finer than ``MIN_BIN_SHARE`` of the edges' span per bin.
 

@@ -6,6 +6,9 @@ global adapter; for the checkpoint scorers also the warm-up checkpoints and the 
 Client → server: counts (``REPLY_COUNTS``), one histogram of scores over the server's fixed bins
 (``HISTOGRAM_KEY``, ``mixture`` only), adapter arrays and aggregate metrics; never text, token ids
 or per-sample scores. A failed client sends only an error code and one of ``ERROR_REASONS``.
+Under ``quality.secure-sum`` the counts and histogram travel as one masked vector (``MASKED_KEY``),
+around which three messages of a secure sum (``SECURE_MESSAGES``) carry public keys and encrypted
+or unmasking Shamir shares.
 The privacy guard and the privacy test check every client message against these lists.
 """
 

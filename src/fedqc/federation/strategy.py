@@ -4,7 +4,9 @@
   asked and which answered (and why the others did not). A training round with fewer answers than
   the minimum stops the run; the last checkpoint stays, so it can be resumed.
 - :class:`QualityFedAvg` is Flower's FedAvg with three changes: it samples only the connected nodes
-  that kept samples in the quality round (the others sit out), it aggregates replies in a fixed
+  that kept samples in the quality round (the others sit out; under ``quality.secure-sum``, where
+  the server does not know who kept nothing, every node that answered it, and a round in which
+  only zero-weight replies come keeps the adapter), it aggregates replies in a fixed
   order (FedAvg's float sums are then the same on every run), and it can weight clients equally
   (needed by DP-FedAvg, whose noise assumes equal weights).
 - :func:`build_strategy` wraps it in Flower's DP-FedAvg wrappers when ``train.dp-mode`` asks.
@@ -103,7 +105,8 @@ class ParticipationGrid:
 class QualityFedAvg(FedAvg):
     """FedAvg on the nodes that kept samples, in a fixed order; rounds counted from an offset.
 
-    ``clients`` maps each eligible node id (kept > 0 in the quality round) to its partition id,
+    ``clients`` maps each eligible node id (kept > 0 in the quality round; every node that
+    answered it under quality.secure-sum) to its partition id,
     which orders the aggregation. ``train_metrics`` holds the aggregated metrics per absolute
     round. FedAvg itself keeps no state between rounds beyond its settings, so the checkpoint's
     global adapter, round and participation log are the whole strategy state.
