@@ -404,3 +404,35 @@ def test_a_resumed_secure_sum_run_checks_the_summed_counts_of_the_same_clients()
     # a checkpoint of a plaintext run holds the per-client list
     plain = [{"partition-id": 0, "total": 12, "kept": 9}]
     _check_same_selection(plain, {"clients": None, "sums": sums, "nodes": nodes})
+
+
+def test_a_checkpoint_scorer_sums_securely_too(tiny_model_dir, demo_dir, tmp_path):
+    """tracin-cos: the query message carries the checkpoints and anchor info beside the session."""
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 48,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.anchors": str(demo_dir / "anchors.jsonl"),
+            "data.num-clients": 2,
+            "quality.scorer": "tracin-cos",
+            "quality.rule": "anchor-quantile:0.2",
+            "quality.warmup-rounds": 1,
+            "quality.secure-sum": True,
+            "quality.allow-empty": True,
+            "train.rounds": 0,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(tmp_path / "run"),
+        }
+    )
+    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    run_dir = tmp_path / "run"
+    local = [
+        json.loads((run_dir / "clients" / f"client-{pid}" / "selection.json").read_text())
+        for pid in (0, 1)
+    ]
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert selection["clients"] is None
+    assert selection["sums"] == {k: sum(c[k] for c in local) for k in COUNTS}
