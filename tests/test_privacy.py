@@ -39,14 +39,21 @@ from fedqc.federation.protocol import (
     EVALUATE_METRICS,
     HISTOGRAM_BINS,
     HISTOGRAM_REPLY,
+    MASKED_KEY,
     MIN_BIN_SHARE,
+    QUERY_SCORE,
     REASON_EDGES,
     REASON_FAILED,
     REASON_GUARD,
     REASON_INPUT,
     REPLY_COUNTS,
+    SECURE_KEYS,
+    SECURE_RECORD,
+    SECURE_SHARES,
+    SECURE_UNMASK,
     TRAIN_METRICS,
 )
+from fedqc.federation.secure_sum import client_keys, client_mask, client_shares, client_unmask
 from fedqc.federation.simulation import run_simulation
 from fedqc.models.loading import load
 from fedqc.pipeline import new_run_dir, prepare
@@ -254,8 +261,9 @@ def _with_bytes_after_the_values() -> ArrayRecord:
     return record
 
 
-def _guarded_reply(kind: str, reply) -> Message:
-    """What leaves a node whose handler returns ``reply`` (content or an Error) for ``kind``."""
+def _guarded_reply(kind: str, reply, request: RecordDict | None = None) -> Message:
+    """What leaves a node whose handler returns ``reply`` (content or an Error) for ``kind``,
+    asked with ``request`` (by default an empty config)."""
     app = ClientApp(mods=[OutgoingGuard(lambda context: OWN)])
 
     def handler(msg: Message, context: Context) -> Message:
@@ -266,7 +274,8 @@ def _guarded_reply(kind: str, reply) -> Message:
     category, _, action = kind.partition(".")
     getattr(app, category)(action or "default")(handler)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the server's
-    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type=kind)
+    content = request if request is not None else RecordDict({"config": ConfigRecord({})})
+    msg = Message(content, dst_node_id=7, message_type=kind)
     msg.metadata.__dict__["_message_id"] = "m1"
     context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
     return app(msg, context)
@@ -349,6 +358,161 @@ def test_the_guard_refuses_every_smuggling_attempt_with_one_line(kind, reply, ca
         ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
         REASON_GUARD,
     )
+    lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
+    assert len(lines) == 1 and len(caplog.records) == 1 and not lines[0].exc_info
+    assert "\n" not in lines[0].getMessage() and "2+3" not in lines[0].getMessage()
+
+
+# quality.secure-sum: a session's keys, encrypted shares, masked vector and unmasking shares, each
+# checked against what the request asked for.
+def _secure_session():
+    states, keys = zip(*(client_keys() for _ in range(3)), strict=True)
+    pk1s, pk2s = [k["pk1"] for k in keys], [k["pk2"] for k in keys]
+    ciphertexts = [client_shares(states[i], i, pk1s, pk2s) for i in range(3)]
+    masked = client_mask(states[0], [c[0] for c in ciphertexts], [12, 9, 3, 0, 1])
+    for i in (1, 2):
+        client_mask(states[i], [c[i] for c in ciphertexts], [0] * 5)
+    return {
+        "keys": keys[0],
+        "shares-request": {"slot": 0, "pk1": pk1s, "pk2": pk2s},
+        "ciphertexts": ciphertexts[0],
+        "masked": masked,
+        "unmask-request": {"active": [0, 2], "dead": [1]},
+        "shares": client_unmask(states[0], [0, 2], [1]),
+    }
+
+
+SESSION = _secure_session()
+
+
+def _secure(body: dict, **extra) -> RecordDict:
+    return RecordDict({SECURE_RECORD: ConfigRecord(body), **extra})
+
+
+def _masked(vector, **stats) -> RecordDict:
+    return RecordDict({"stats": MetricRecord({MASKED_KEY: vector, "partition-id": 0, **stats})})
+
+
+KEYS_ASKED = _secure({})
+SHARES_ASKED = _secure(SESSION["shares-request"])
+UNMASK_ASKED = _secure(SESSION["unmask-request"])
+SCORE_ASKED = _secure({"ciphertexts": [b""] * 3}, config=ConfigRecord({"tau": 0.5}))
+TOKEN = SESSION["ciphertexts"][1]
+SCORE_BYTES = SCORES.numpy().tobytes()
+SECURE_OK = {
+    "keys": (SECURE_KEYS, KEYS_ASKED, _secure(SESSION["keys"])),
+    "shares": (SECURE_SHARES, SHARES_ASKED, _secure({"ciphertexts": SESSION["ciphertexts"]})),
+    "masked": (QUERY_SCORE, SCORE_ASKED, _masked(SESSION["masked"])),
+    "unmask": (SECURE_UNMASK, UNMASK_ASKED, _secure({"shares": SESSION["shares"]})),
+}
+SECURE_SMUGGLING = {
+    # query.keys: two PEM public keys, nothing else
+    "text-beside-the-keys": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        _secure(SESSION["keys"] | {"note": "What is 2+3?"}),
+    ),
+    "scores-as-a-public-key": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        _secure({"pk1": SCORE_BYTES[: len(SESSION["keys"]["pk1"])], "pk2": SESSION["keys"]["pk2"]}),
+    ),
+    "text-as-a-public-key": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        _secure({"pk1": "What is 2+3?", "pk2": SESSION["keys"]["pk2"]}),
+    ),
+    "counts-beside-the-keys": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        _secure(SESSION["keys"], stats=_counts()["stats"]),
+    ),
+    "keys-in-a-metric-record": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        RecordDict({SECURE_RECORD: MetricRecord({"pk1": 1.0, "pk2": 2.0})}),
+    ),
+    # query.shares: one Fernet token of the fixed size per other slot
+    "scores-in-place-of-a-ciphertext": (
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure({"ciphertexts": [b"", SCORE_BYTES[: len(TOKEN)], TOKEN]}),
+    ),
+    "bytes-after-a-ciphertext": (
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure({"ciphertexts": [b"", TOKEN + b"c2VjcmV0", TOKEN]}),
+    ),
+    "an-extra-ciphertext": (
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure({"ciphertexts": [*SESSION["ciphertexts"], TOKEN]}),
+    ),
+    "data-at-the-own-slot": (
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure({"ciphertexts": [b"What is 2+3?", TOKEN, TOKEN]}),
+    ),
+    # the data reply under a secure sum: the masked vector and the partition id only
+    "plaintext-counts-beside-the-masked-vector": (
+        QUERY_SCORE,
+        SCORE_ASKED,
+        _masked(SESSION["masked"], kept=9),
+    ),
+    "plaintext-counts-instead-of-the-masked-vector": (QUERY_SCORE, SCORE_ASKED, _counts()),
+    "a-masked-vector-too-long": (QUERY_SCORE, SCORE_ASKED, _masked([*SESSION["masked"], 7])),
+    "a-masked-vector-outside-the-ring": (
+        QUERY_SCORE,
+        SCORE_ASKED,
+        _masked([1 << 40, *SESSION["masked"][1:]]),
+    ),
+    "a-masked-vector-of-scores": (QUERY_SCORE, SCORE_ASKED, _masked(SCORES[:5].tolist())),
+    "a-masked-vector-unasked": (QUERY_SCORE, None, _masked(SESSION["masked"])),
+    "a-masked-vector-in-train-metrics": ("train", None, _train_reply(masked=SESSION["masked"])),
+    "a-session-record-in-a-query-reply": (
+        QUERY_SCORE,
+        None,
+        RecordDict({"stats": _counts()["stats"], SECURE_RECORD: ConfigRecord({"x": SCORE_BYTES})}),
+    ),
+    # query.unmask: one share per slot asked for, of the seed's or the key's fixed size
+    "an-extra-share": (
+        SECURE_UNMASK,
+        UNMASK_ASKED,
+        _secure({"shares": [*SESSION["shares"], SESSION["shares"][0]]}),
+    ),
+    "bytes-after-a-share": (
+        SECURE_UNMASK,
+        UNMASK_ASKED,
+        _secure({"shares": [SESSION["shares"][0] + b"x", *SESSION["shares"][1:]]}),
+    ),
+    "a-seed-share-where-a-key-share-is-due": (
+        SECURE_UNMASK,
+        UNMASK_ASKED,
+        _secure({"shares": [SESSION["shares"][0]] * 3}),
+    ),
+    "slots-beside-the-shares": (
+        SECURE_UNMASK,
+        UNMASK_ASKED,
+        _secure({"shares": SESSION["shares"], "slots": [0, 1, 2]}),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind,request_,reply", SECURE_OK.values(), ids=SECURE_OK.keys())
+def test_the_guard_lets_a_secure_sums_own_replies_leave(kind, request_, reply):
+    assert not _guarded_reply(kind, reply, request_).has_error()
+
+
+@pytest.mark.parametrize(
+    "kind,request_,reply", SECURE_SMUGGLING.values(), ids=SECURE_SMUGGLING.keys()
+)
+def test_the_guard_refuses_smuggling_through_a_secure_sum_with_one_line(
+    kind, request_, reply, caplog
+):
+    with caplog.at_level(logging.ERROR, logger="fedqc.federation.privacy"):
+        sent = _guarded_reply(kind, reply, request_)
+    assert sent.has_error() and not sent.has_content()
+    assert sent.error.reason == REASON_GUARD
     lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
     assert len(lines) == 1 and len(caplog.records) == 1 and not lines[0].exc_info
     assert "\n" not in lines[0].getMessage() and "2+3" not in lines[0].getMessage()

@@ -173,6 +173,13 @@ def _print_summary(summary: dict, cfg: Config) -> None:
             f"(basic composition: {len(budget['releases'])} releases × ε = {budget['epsilon']:.4g}"
             f" × {budget['query_rounds']} query round(s); adapters and losses not covered)"
         )
+    if summary.get("secure_sum"):
+        where = (
+            "the rows per client below come from the clients' own files on this machine"
+            if summary["clients"]
+            else "per-client rows unavailable"
+        )
+        console.print(f"[bold]secure sum[/] the server learned only the 'all' row; {where}")
     table = Table(title="Selection per client (clean = positive)")
     for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
         table.add_column(col, justify="right")
@@ -190,8 +197,7 @@ def _print_summary(summary: dict, cfg: Config) -> None:
             fmt(row, "recall"),
             fmt(row, "f1"),
         )
-    total = sum(r["total"] for r in summary["clients"])
-    kept = sum(r["kept"] for r in summary["clients"])
+    total, kept = summary["totals"]["total"], summary["totals"]["kept"]
     sel = summary["selection"]
     table.add_row(
         "all",

@@ -62,6 +62,9 @@ class QualityConfig:
     backward_batch_tokens: int = 1024
     allow_empty: bool = False  # go on (without training) when τ drops every sample
     dp_epsilon: float = 0.0  # > 0: Laplace(1/ε) noise on every count a client reports
+    # The server learns only the sums over clients of the phase-1 counts and histogram (pairwise
+    # masking as in SecAgg+, fedqc.federation.secure_sum; docs/privacy.md).
+    secure_sum: bool = False
     warmup_rounds: int = 2  # checkpoint scorers (tracin, clues, ...): federated warm-up rounds
     # Forward scorers: the first `shots` anchors are shown in context before every scored sample,
     # so the model knows the answer format (fedqc.scoring.shots); 0, or a run without anchors,

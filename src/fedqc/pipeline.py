@@ -210,10 +210,19 @@ def open_run(
 def summary_notes(summary: dict) -> list[str]:
     """What the summary table does not show: truncation, non-finite scores, sit-outs, dropouts."""
     notes = []
-    clients = summary["clients"]
-    if n := sum(c["truncated"] for c in clients):
+    clients, totals = summary["clients"], summary["totals"]
+    if summary.get("secure_sum"):
+        notes.append(
+            "secure sum: the server learned only the sums over clients; "
+            + (
+                "the per-client rows come from the clients' own files on this machine"
+                if clients
+                else "per-client rows are unavailable"
+            )
+        )
+    if n := totals["truncated"]:
         notes.append(f"{n} samples were longer than model.max-length and were truncated")
-    if n := sum(c.get("rejected_non_finite", 0) for c in clients):
+    if n := totals["rejected-non-finite"]:
         notes.append(f"{n} samples had no finite score (NaN or ±inf) and were rejected")
     for c in clients:
         if c.get("sat_out"):
@@ -232,7 +241,8 @@ def summarize(cfg: Config) -> dict:
     selection = _read(run_dir / "selection.json")
     truth_dir = Path(cfg.data.clients_dir).parent / "truth"
     clients, all_keep, all_clean = [], [], []
-    for stats in selection["clients"]:
+    secure = bool(selection.get("secure_sum"))
+    for stats in _client_counts(run_dir, selection):
         pid = int(stats.get("partition-id", -1))
         row = {
             "client": pid,
@@ -260,6 +270,10 @@ def summarize(cfg: Config) -> dict:
     summary = {
         "placement": threshold.get("placement"),
         "threshold": threshold,
+        # quality.secure-sum: the server has only the sums; "clients" then holds the rows that
+        # the clients' own files (simulation: RUN_DIR/clients/) give, if any
+        "secure_sum": secure,
+        "totals": selection.get("sums") or _sums(selection["clients"]),
         "clients": clients,
         "selection": overall,
         "rounds": _read(run_dir / "metrics.json"),
@@ -271,13 +285,32 @@ def summarize(cfg: Config) -> dict:
     return summary
 
 
+def _client_counts(run_dir: Path, selection: dict) -> list[dict]:
+    """Each client's counts: from selection.json, or under a secure sum from the client's own
+    selection.json where this machine has it (a simulation's RUN_DIR/clients/client-<id>/)."""
+    if selection["clients"] is not None:
+        return selection["clients"]
+    rows = []
+    for node in selection["nodes"]:
+        local = run_dir / "clients" / f"client-{node['partition-id']}" / "selection.json"
+        if local.is_file():
+            rows.append({"partition-id": node["partition-id"], **json.loads(local.read_text())})
+    return rows
+
+
+def _sums(clients: list[dict]) -> dict[str, int]:
+    keys = ("total", "kept", "rejected-below-threshold", "rejected-non-finite", "truncated")
+    return {k: sum(int(c.get(k, 0)) for c in clients) for k in keys}
+
+
 def dropouts(run_dir: Path) -> list[dict]:
     """Every node that was asked and did not answer: phase, round, node, client, reason."""
     path = run_dir / "participation.json"
     if not path.is_file():
         return []
     selection = _read(run_dir / "selection.json")
-    client_of = {s["node"]: s.get("partition-id", -1) for s in selection["clients"]}
+    nodes = selection.get("nodes") or selection["clients"]
+    client_of = {s["node"]: s.get("partition-id", -1) for s in nodes}
     return [
         {
             "phase": e["phase"],

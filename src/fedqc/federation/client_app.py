@@ -3,8 +3,11 @@
 Everything per-sample (text, token ids, scores, decisions) stays on the node: it is written to the
 node's own output folder and kept in ``context.state``; replies carry counts, the mixture rule's
 histogram over fixed bins, and adapter arrays. A node with no kept samples sits out training (the
-server does not sample it). For the checkpoint scorers the node first trains in the warm-up rounds
-on all its samples and keeps its Adam moments (``fedqc.federation.warmup``).
+server does not sample it); under ``quality.secure-sum``, where the server knows only the summed
+counts, it is asked and replies a zero-weight update. The secure sum's keys and shares stay in
+``context.state`` too (:mod:`fedqc.federation.secure_sum`). For the checkpoint scorers the node
+first trains in the warm-up rounds on all its samples and keeps its Adam moments
+(``fedqc.federation.warmup``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,23 @@ from fedqc.federation.privacy import (
     noisy_count,
     noisy_histogram,
 )
-from fedqc.federation.protocol import HISTOGRAM_KEY, TRAIN_WARMUP
+from fedqc.federation.protocol import (
+    COUNTS_VECTOR,
+    HISTOGRAM_KEY,
+    HISTOGRAM_VECTOR_COUNTS,
+    MASKED_KEY,
+    SECURE_KEYS,
+    SECURE_RECORD,
+    SECURE_SHARES,
+    TRAIN_WARMUP,
+)
+from fedqc.federation.secure_sum import (
+    SecureSumError,
+    client_keys,
+    client_mask,
+    client_shares,
+    client_unmask,
+)
 from fedqc.federation.warmup import client_scores, save_moments, warmup_seed
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
 from fedqc.quality.mixture import histogram
@@ -46,6 +65,7 @@ log = logging.getLogger(__name__)
 STATE_KEY = "fedqc-selection"  # the keep decisions (phase 2 trains on them)
 SCORES_KEY = "fedqc-scores"  # this node's scores from query.score (query.select applies τ)
 RELEASED_KEY = "fedqc-released"  # counts already sent, as sent (noisy under DP)
+SECURE_STATE_KEY = "fedqc-secure-sum"  # quality.secure-sum: this session's secrets and shares
 
 
 def build_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
@@ -65,11 +85,26 @@ def build_client_app(cfg: Config | None = None, mods: list | None = None) -> Cli
 
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
-        return Message(handle_score(msg, context, config_of(context)), reply_to=msg)
+        content = handle_score(msg, context, config_of(context))
+        return Message(masked_reply(msg, context, content), reply_to=msg)
 
     @app.query("select")
     def select_(msg: Message, context: Context) -> Message:
-        return Message(handle_select(msg, context, config_of(context)), reply_to=msg)
+        content = handle_select(msg, context, config_of(context))
+        return Message(masked_reply(msg, context, content), reply_to=msg)
+
+    # quality.secure-sum: a session's own messages around each data message.
+    @app.query("keys")
+    def keys(msg: Message, context: Context) -> Message:
+        return Message(handle_secure(msg, context), reply_to=msg)
+
+    @app.query("shares")
+    def shares(msg: Message, context: Context) -> Message:
+        return Message(handle_secure(msg, context), reply_to=msg)
+
+    @app.query("unmask")
+    def unmask(msg: Message, context: Context) -> Message:
+        return Message(handle_secure(msg, context), reply_to=msg)
 
     @app.train(mods=[dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
@@ -224,20 +259,19 @@ def _select(
         drop_fraction=drop if math.isnan(tau) else None,
     )
     out_dir = Path(str(cache["out"]))
+    true_counts = {
+        "total": len(samples),
+        "kept": selection.kept,
+        "rejected-below-threshold": selection.rejected_below_threshold,
+        "rejected-non-finite": selection.rejected_non_finite,
+        "truncated": int(cache["truncated"]),
+    }
     placement = {"device": str(cache["device"]), "dtype": str(cache["dtype"])}
-    _write_local(out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, placement)
-    epsilon = cfg.quality.dp_epsilon
-    counts = _release(
-        context,
-        epsilon,
-        {
-            "total": len(samples),
-            "kept": selection.kept,
-            "rejected-below-threshold": selection.rejected_below_threshold,
-            "rejected-non-finite": selection.rejected_non_finite,
-            "truncated": int(cache["truncated"]),
-        },
+    _write_local(
+        out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, true_counts, placement
     )
+    epsilon = cfg.quality.dp_epsilon
+    counts = _release(context, epsilon, true_counts)
     # Training reports the same (possibly noisy) kept count: repeating a released value is free.
     context.state[STATE_KEY] = ConfigRecord(
         {
@@ -358,6 +392,47 @@ def handle_evaluate(msg: Message, context: Context, cfg: Config) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
+def handle_secure(msg: Message, context: Context) -> RecordDict:
+    """quality.secure-sum: a session's keys, shares, or unmasking shares
+    (:mod:`fedqc.federation.secure_sum`); the session's secrets stay in ``context.state``."""
+    kind, asked = msg.metadata.message_type, msg.content[SECURE_RECORD]
+    if kind == SECURE_KEYS:
+        state, reply = client_keys()
+    else:
+        state = _secure_state(context)
+        if kind == SECURE_SHARES:
+            slot, pk1s, pk2s = int(asked["slot"]), list(asked["pk1"]), list(asked["pk2"])
+            reply = {"ciphertexts": client_shares(state, slot, pk1s, pk2s)}
+        else:
+            reply = {"shares": client_unmask(state, list(asked["active"]), list(asked["dead"]))}
+    context.state[SECURE_STATE_KEY] = ConfigRecord(state)
+    return RecordDict({SECURE_RECORD: ConfigRecord(reply)})
+
+
+def masked_reply(msg: Message, context: Context, content: RecordDict) -> RecordDict:
+    """The reply as sent: unchanged, or under a secure sum (the request carries the session's
+    ciphertexts) its counts, or histogram and counts, as one masked vector with the partition id
+    (the scoring time is not sent)."""
+    if SECURE_RECORD not in msg.content:
+        return content
+    stats = content["stats"]
+    if HISTOGRAM_KEY in stats:
+        vector = [*stats[HISTOGRAM_KEY], *(stats[k] for k in HISTOGRAM_VECTOR_COUNTS)]
+    else:
+        vector = [stats[k] for k in COUNTS_VECTOR]
+    state = _secure_state(context)
+    masked = client_mask(state, list(msg.content[SECURE_RECORD]["ciphertexts"]), vector)
+    context.state[SECURE_STATE_KEY] = ConfigRecord(state)
+    pid = stats["partition-id"]
+    return RecordDict({"stats": MetricRecord({MASKED_KEY: masked, "partition-id": pid})})
+
+
+def _secure_state(context: Context) -> dict:
+    if SECURE_STATE_KEY not in context.state:
+        raise SecureSumError("a secure-sum step before query.keys")
+    return dict(context.state[SECURE_STATE_KEY])
+
+
 def _write_local(
     out_dir: Path,
     samples: list[Sample],
@@ -365,9 +440,10 @@ def _write_local(
     keep: np.ndarray,
     scorer: str,
     tau: float,
+    counts: dict[str, int],
     placement: dict[str, str],
 ) -> None:
-    """Per-sample scores and decisions, written on the node only."""
+    """Per-sample scores and decisions, and the true counts, written on the node only."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as fh:
         for s, score, k in zip(samples, raw, keep, strict=True):
@@ -376,8 +452,7 @@ def _write_local(
     summary = {
         "scorer": scorer,
         "tau": None if math.isnan(tau) else tau,
-        "total": len(samples),
-        "kept": int(keep.sum()),
+        **counts,
         "placement": placement,
     }
     (out_dir / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -12,6 +12,10 @@ error reply whose reason is one of the protocol's fixed ``ERROR_REASONS``: Flowe
 send the exception's text, which can quote data. An error reply with any other reason is replaced
 the same way. The details go to the node's own log.
 
+Under ``quality.secure-sum`` the data replies hold only the masked vector and the partition id
+(:func:`check_masked`), and the secure sum's own replies (keys, encrypted shares, unmasking shares)
+exactly the byte strings of the sizes Flower's primitives give (:func:`check_secure_reply`).
+
 The ``mixture`` rule's bin edges are checked on arrival (:func:`check_edges`): the server may not
 ask for a histogram finer than ``MIN_BIN_SHARE`` of the edges' span per bin.
 
@@ -21,6 +25,7 @@ Optional differential privacy for counts: :func:`noisy_count` adds Laplace(1/ε)
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -29,11 +34,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+)
 from flwr.common.constant import ErrorCode, SType
 
 from fedqc.errors import FedqcError
 from fedqc.federation.protocol import (
+    COUNTS,
     DP_RELEASES,
     DP_RELEASES_MIXTURE,
     ERROR_REASONS,
@@ -41,20 +56,36 @@ from fedqc.federation.protocol import (
     HISTOGRAM_BINS,
     HISTOGRAM_KEY,
     HISTOGRAM_REPLY,
+    HISTOGRAM_VECTOR_LENGTH,
+    MASK_BITS,
+    MASKED_KEY,
+    MASKED_REPLY,
     MIN_BIN_SHARE,
+    QUERY_SCORE,
     REASON_EDGES,
     REASON_FAILED,
     REASON_GUARD,
     REASON_INPUT,
     REPLY_COUNTS,
+    SECURE_KEYS,
+    SECURE_MESSAGES,
+    SECURE_RECORD,
+    SECURE_SHARES,
     TRAIN_METRICS,
     TRAIN_WARMUP,
+)
+from fedqc.federation.secure_sum import (
+    CIPHERTEXT_BYTES,
+    SEED_SHARE_BYTES,
+    SK_SHARE_BYTES,
+    SecureSumError,
+    check_public_key,
 )
 
 log = logging.getLogger(__name__)
 
 ALLOWED_METRICS = {
-    "stats": set(REPLY_COUNTS) | set(HISTOGRAM_REPLY),
+    "stats": set(REPLY_COUNTS) | set(HISTOGRAM_REPLY) | set(MASKED_REPLY),
     "metrics": set(TRAIN_METRICS + EVALUATE_METRICS),
 }
 # This node's adapter as the guard expects it: parameter name -> (shape, numpy dtype name).
@@ -74,11 +105,19 @@ def adapter_spec(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
 
 
-def check_reply(content, adapter: AdapterSpec | None = None) -> None:
+def check_reply(
+    content, adapter: AdapterSpec | None = None, masked_length: int | None = None
+) -> None:
     """Raise PrivacyViolation unless ``content`` (a RecordDict) is within the protocol.
 
     ``adapter`` is this node's own adapter; without it a reply may hold no arrays.
+    ``masked_length``: the request asked for a secure sum (``quality.secure-sum``), so ``stats``
+    must hold exactly a masked vector of this length and the partition id; without it a reply
+    may hold no masked vector.
     """
+    if masked_length is not None:
+        check_masked(content, masked_length)
+        return
     for name, record in content.items():
         if name == "arrays":
             if not isinstance(record, ArrayRecord):
@@ -90,6 +129,8 @@ def check_reply(content, adapter: AdapterSpec | None = None) -> None:
             for key, value in record.items():
                 if key not in ALLOWED_METRICS[name]:
                     raise PrivacyViolation(f"'{name}' holds an unknown key '{key}'")
+                if key == MASKED_KEY:
+                    raise PrivacyViolation(f"'{name}.{key}' in a reply that is not a secure sum")
                 if name == "stats" and key == HISTOGRAM_KEY:
                     check_histogram(value)
                 elif isinstance(value, list | bool) or not isinstance(value, int | float):
@@ -135,6 +176,80 @@ def check_histogram(value) -> None:
         raise PrivacyViolation(f"'stats.{HISTOGRAM_KEY}' must be a list of {HISTOGRAM_BINS} counts")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise PrivacyViolation(f"'stats.{HISTOGRAM_KEY}' must hold non-negative integers only")
+
+
+def check_masked(content, length: int) -> None:
+    """A secure sum's data reply: ``stats`` holds a masked vector of ``length`` integers in
+    [0, 2^MASK_BITS) and the partition id, and the reply nothing else (no plaintext count)."""
+    if set(content) != {"stats"} or not isinstance(content["stats"], MetricRecord):
+        raise PrivacyViolation("a secure sum's reply must hold the 'stats' MetricRecord only")
+    stats = content["stats"]
+    if set(stats) != set(MASKED_REPLY):
+        raise PrivacyViolation(f"a secure sum's 'stats' must hold exactly {list(MASKED_REPLY)}")
+    pid = stats["partition-id"]
+    if isinstance(pid, list | bool) or not isinstance(pid, int | float):
+        raise PrivacyViolation("'stats.partition-id' must be one number")
+    vector = stats[MASKED_KEY]
+    if not isinstance(vector, list) or len(vector) != length:
+        raise PrivacyViolation(f"'stats.{MASKED_KEY}' must be a list of {length} integers")
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << MASK_BITS for v in vector
+    ):
+        raise PrivacyViolation(f"'stats.{MASKED_KEY}' must hold integers in [0, 2^{MASK_BITS})")
+
+
+def masked_length(kind: str, request) -> int | None:
+    """The length of the masked vector a request asks for; None when it asks for no secure sum."""
+    if SECURE_RECORD not in request:
+        return None
+    config = request.get("config", {})
+    return HISTOGRAM_VECTOR_LENGTH if kind == QUERY_SCORE and "edges" in config else len(COUNTS)
+
+
+def check_secure_reply(kind: str, request, content) -> None:
+    """A reply to a secure sum's own messages: one ConfigRecord SECURE_RECORD with exactly the
+    keys of its step, each of the exact size the primitives give (fedqc.federation.secure_sum)."""
+    if set(content) != {SECURE_RECORD} or not isinstance(content[SECURE_RECORD], ConfigRecord):
+        raise PrivacyViolation(f"a {kind} reply must hold the '{SECURE_RECORD}' ConfigRecord only")
+    record, asked = content[SECURE_RECORD], request.get(SECURE_RECORD, {})
+    expected = {SECURE_KEYS: {"pk1", "pk2"}, SECURE_SHARES: {"ciphertexts"}}.get(kind, {"shares"})
+    if set(record) != expected:
+        raise PrivacyViolation(f"a {kind} reply must hold exactly {sorted(expected)}")
+    if kind == SECURE_KEYS:
+        try:
+            check_public_key(record["pk1"])
+            check_public_key(record["pk2"])
+        except SecureSumError as exc:
+            raise PrivacyViolation(f"{kind}: {exc}") from None
+        return
+    if kind == SECURE_SHARES:
+        slots, own = len(asked.get("pk1", [])), asked.get("slot", -1)
+        sizes = [0 if j == own else CIPHERTEXT_BYTES for j in range(slots)]
+        _check_bytes_list(kind, record["ciphertexts"], sizes)
+        for j, token in enumerate(record["ciphertexts"]):
+            if j != own and not _is_fernet_token(token):
+                raise PrivacyViolation(f"{kind}: ciphertext {j} is not a Fernet token")
+        return
+    active, dead = list(asked.get("active", [])), list(asked.get("dead", []))
+    sizes = [SEED_SHARE_BYTES] * len(active) + [SK_SHARE_BYTES] * len(dead)
+    _check_bytes_list(kind, record["shares"], sizes)
+
+
+def _check_bytes_list(kind: str, value, sizes: list[int]) -> None:
+    if not isinstance(value, list) or len(value) != len(sizes):
+        raise PrivacyViolation(f"{kind}: must be a list of {len(sizes)} byte strings")
+    for v, size in zip(value, sizes, strict=True):
+        if not isinstance(v, bytes) or len(v) != size:
+            raise PrivacyViolation(f"{kind}: an entry is not {size} bytes")
+
+
+def _is_fernet_token(token: bytes) -> bool:
+    """Base64url of version byte 0x80, timestamp, IV, AES-CBC blocks and HMAC (the format)."""
+    try:
+        raw = base64.urlsafe_b64decode(token)
+    except ValueError:
+        return False
+    return base64.urlsafe_b64encode(raw) == token and raw[:1] == b"\x80"
 
 
 def check_edges(edges) -> np.ndarray:
@@ -201,9 +316,12 @@ class OutgoingGuard:
             reply = call_next(msg, context)
             if reply.has_error():
                 check_error(reply.error)
+            elif kind in SECURE_MESSAGES:  # a secure sum's keys, shares or unmasking shares
+                check_secure_reply(kind, msg.content, reply.content)
             else:  # only a train reply (train, train.warmup) may carry the adapter
                 trains = kind.split(".")[0] == MessageType.TRAIN and "arrays" in reply.content
-                check_reply(reply.content, self.adapter_of(context) if trains else None)
+                adapter = self.adapter_of(context) if trains else None
+                check_reply(reply.content, adapter, masked_length(kind, msg.content))
         except PrivacyViolation as exc:  # one line: what was stopped (the node's own log)
             log.error("%s: reply stopped by the privacy guard: %s", kind, exc)
             reply = Message(error_for(exc), reply_to=msg)

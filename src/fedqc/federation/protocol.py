@@ -6,6 +6,9 @@ global adapter; for the checkpoint scorers also the warm-up checkpoints and the 
 Client → server: counts (``REPLY_COUNTS``), one histogram of scores over the server's fixed bins
 (``HISTOGRAM_KEY``, ``mixture`` only), adapter arrays and aggregate metrics; never text, token ids
 or per-sample scores. A failed client sends only an error code and one of ``ERROR_REASONS``.
+Under ``quality.secure-sum`` the counts and histogram travel as one masked vector (``MASKED_KEY``),
+around which three messages of a secure sum (``SECURE_MESSAGES``) carry public keys and encrypted
+or unmasking Shamir shares.
 The privacy guard and the privacy test check every client message against these lists.
 """
 
@@ -66,6 +69,28 @@ HISTOGRAM_REPLY = (
     "partition-id",
     "score-seconds",
 )
+# quality.secure-sum (fedqc.federation.secure_sum): a session of three messages of its own around
+# each data message (query.score, and query.select for rule mixture), whose records are one
+# ConfigRecord SECURE_RECORD both ways. query.keys: the reply holds "pk1", "pk2" (PEM public keys).
+# query.shares: the server sends "slot", "pk1", "pk2" (every slot's keys); the reply holds
+# "ciphertexts" (one encrypted pair of Shamir shares per other slot, b"" at the client's own). The
+# data message carries "ciphertexts" (those addressed to the client); its reply's stats hold only
+# MASKED_KEY (the vector below, masked mod 2^MASK_BITS) and "partition-id". query.unmask: the
+# server sends "active" and "dead" slots; the reply holds "shares" (of the active slots' seeds,
+# then of the dead slots' secret keys).
+SECURE_KEYS = "query.keys"
+SECURE_SHARES = "query.shares"
+SECURE_UNMASK = "query.unmask"
+SECURE_MESSAGES = (SECURE_KEYS, SECURE_SHARES, SECURE_UNMASK)
+SECURE_RECORD = "secure-sum"
+MASKED_KEY = "masked"
+MASK_BITS = 32
+# The vectors summed: the counts (query.score with τ, query.select), or the mixture rule's
+# histogram followed by the counts that do not depend on τ (its query.score).
+COUNTS_VECTOR = COUNTS
+HISTOGRAM_VECTOR_COUNTS = ("total", "rejected-non-finite", "truncated")
+HISTOGRAM_VECTOR_LENGTH = HISTOGRAM_BINS + len(HISTOGRAM_VECTOR_COUNTS)
+MASKED_REPLY = (MASKED_KEY, "partition-id")
 # Keys of the MetricRecord a client returns from a train or evaluate round. ``num-examples`` is
 # the kept count reported in the query round (noisy under DP), ``train-seconds`` is left out
 # under DP. In a warm-up round ``num-examples`` is the client's total (noisy under DP).

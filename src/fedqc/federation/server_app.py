@@ -115,6 +115,11 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
     nodes = wait_for_nodes(
         grid, cfg.data.num_clients, cfg.federation.min_nodes, cfg.federation.join_timeout
     )
+    if cfg.quality.secure_sum and len(nodes) < 2:
+        raise FedqcError(
+            f"quality.secure-sum needs at least 2 nodes: {len(nodes)} connected (a sum over one "
+            "client is its own counts)"
+        )
     loaded = load(cfg.model)
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     eval_set = _eval_set(cfg, loaded)
@@ -170,27 +175,25 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
     initial = ArrayRecord(loaded.initial_adapter)
     stages.stage(f"phase 1: {len(nodes)} clients score and select locally")
     _record_budget(run_dir, cfg, rule, checkpoints is not None, resumed)  # before they answer
-    tau, replies, dropped = query_round(
+    phase1 = query_round(
         grid, nodes, cfg, qc, {"arrays": initial, **records}, scorer, anchor_oriented, run_dir
     )
-    selection = sorted(
-        ({"node": r.metadata.src_node_id, **dict(r.content["stats"])} for r in replies),
-        key=lambda s: (s.get("partition-id", -1), s["node"]),
-    )
-    for s in selection:
-        s["sat-out"] = int(s["kept"]) == 0
-    _write_json(
-        run_dir / "selection.json",
-        {"tau": tau, "rule": str(rule), "clients": selection, "dropped": dropped},
-    )
+    tau, selection = phase1.tau, _selection(phase1, rule)
+    _write_json(run_dir / "selection.json", selection)
     if resumed is not None and cfg.quality.dp_epsilon <= 0:
         _check_same_selection(resumed[0]["selection"], selection)
-    total_kept = sum(int(s["kept"]) for s in selection)
-    log.info("phase 1: kept %d of %d samples", total_kept, sum(int(s["total"]) for s in selection))
-    for s in selection:
+    sums = phase1.sums
+    log.info("phase 1: kept %d of %d samples", sums["kept"], sums["total"])
+    if phase1.clients is None:
+        log.info(
+            "phase 1: secure sum over %d clients: the server knows only the sums; each client's "
+            "counts stay on it",
+            len(phase1.nodes),
+        )
+    for s in selection["clients"] or []:
         if s["sat-out"]:
             log.warning("client %s kept no samples: it sits out training", s["partition-id"])
-    if total_kept == 0 and not cfg.quality.allow_empty:
+    if sums["kept"] == 0 and not cfg.quality.allow_empty:
         where = "the rule" if tau is None else f"τ = {scorer.raw(tau):.6g} ({scorer.name})"
         raise FedqcError(
             f"{where} drops every sample in the federation; use a looser quality.rule "
@@ -387,10 +390,51 @@ def _record_budget(
         )
 
 
-def _check_same_selection(saved: list[dict], now: list[dict]) -> None:
-    """A resumed run must select what the interrupted one did (scoring is deterministic)."""
-    before = {s["partition-id"]: s for s in saved if s.get("partition-id", -1) >= 0}
-    for s in now:
+def _selection(phase1, rule: Rule) -> dict:
+    """selection.json: τ, the rule, each node that answered phase 1 with its partition id, the
+    counts summed over them, and per client its counts and whether it sits out training. Under
+    quality.secure-sum the server has no per-client counts: ``clients`` is None."""
+    clients = None
+    if phase1.clients is not None:
+        clients = sorted(phase1.clients, key=lambda s: (s.get("partition-id", -1), s["node"]))
+        for s in clients:
+            s["sat-out"] = int(s["kept"]) == 0
+    return {
+        "tau": phase1.tau,
+        "rule": str(rule),
+        "secure_sum": phase1.clients is None,
+        "sums": phase1.sums,
+        "nodes": [
+            {"node": n, "partition-id": pid}
+            for n, pid in sorted(phase1.nodes.items(), key=lambda x: (x[1], x[0]))
+        ],
+        "clients": clients,
+        "dropped": phase1.dropped,
+    }
+
+
+def _check_same_selection(saved: dict | list, now: dict) -> None:
+    """A resumed run must select what the interrupted one did (scoring is deterministic): each
+    client's counts, or under a secure sum the summed ones when the same clients answered."""
+    if isinstance(saved, list):  # a checkpoint written before selection.json held the sums
+        saved = {"clients": saved, "sums": None}
+    if saved.get("clients") is None or now["clients"] is None:
+        old, new = saved.get("sums"), now["sums"]
+
+        def pids(selection: dict) -> list[int]:
+            return sorted(n["partition-id"] for n in selection.get("nodes", []))
+
+        if old is None or pids(saved) != pids(now):  # other clients answered: sums differ
+            return
+        if (old["total"], old["kept"]) != (new["total"], new["kept"]):
+            raise FedqcError(
+                f"cannot resume: the federation now keeps {new['kept']} of {new['total']} "
+                f"samples, but kept {old['kept']} of {old['total']} when the run started; its "
+                "data or the model changed"
+            )
+        return
+    before = {s["partition-id"]: s for s in saved["clients"] if s.get("partition-id", -1) >= 0}
+    for s in now["clients"]:
         old = before.get(s.get("partition-id", -1))
         if old is not None and (old["total"], old["kept"]) != (s["total"], s["kept"]):
             raise FedqcError(
@@ -407,7 +451,7 @@ def _train(
     run_dir: Path,
     stages: Stages,
     tau: float | None,
-    selection: list[dict],
+    selection: dict,
     initial: ArrayRecord,
     resumed: tuple[dict, ArrayRecord] | None,
     eval_set: list,
@@ -417,7 +461,14 @@ def _train(
     if resumed:
         grid.exchanges[:0] = resumed[0]["participation"]
     start = resumed[1] if resumed else initial
-    clients = {int(s["node"]): int(s.get("partition-id", -1)) for s in selection if s["kept"] > 0}
+    if selection["clients"] is None:  # secure sum: who kept nothing is not known; all train
+        clients = {int(s["node"]): int(s["partition-id"]) for s in selection["nodes"]}
+    else:
+        clients = {
+            int(s["node"]): int(s.get("partition-id", -1))
+            for s in selection["clients"]
+            if s["kept"] > 0
+        }
     strategy = build_strategy(cfg, clients, grid, offset)
     base = getattr(strategy, "strategy", strategy)
     final = {"arrays": start}

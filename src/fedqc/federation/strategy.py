@@ -4,7 +4,9 @@
   asked and which answered (and why the others did not). A training round with fewer answers than
   the minimum stops the run; the last checkpoint stays, so it can be resumed.
 - :class:`QualityFedAvg` is Flower's FedAvg with three changes: it samples only the connected nodes
-  that kept samples in the quality round (the others sit out), it aggregates replies in a fixed
+  that kept samples in the quality round (the others sit out; under ``quality.secure-sum``, where
+  the server does not know who kept nothing, every node that answered it, and a round in which
+  only zero-weight replies come keeps the adapter), it aggregates replies in a fixed
   order (FedAvg's float sums are then the same on every run), and it can weight clients equally
   (needed by DP-FedAvg, whose noise assumes equal weights).
 - :func:`build_strategy` wraps it in Flower's DP-FedAvg wrappers when ``train.dp-mode`` asks.
@@ -103,7 +105,8 @@ class ParticipationGrid:
 class QualityFedAvg(FedAvg):
     """FedAvg on the nodes that kept samples, in a fixed order; rounds counted from an offset.
 
-    ``clients`` maps each eligible node id (kept > 0 in the quality round) to its partition id,
+    ``clients`` maps each eligible node id (kept > 0 in the quality round; every node that
+    answered it under quality.secure-sum) to its partition id,
     which orders the aggregation. ``train_metrics`` holds the aggregated metrics per absolute
     round. FedAvg itself keeps no state between rounds beyond its settings, so the checkpoint's
     global adapter, round and participation log are the whole strategy state.
@@ -174,10 +177,38 @@ class QualityFedAvg(FedAvg):
                 if not reply.has_error():
                     for record in reply.content.metric_records.values():
                         record[self.weighted_by_key] = 1
+        if self._all_weightless(ordered):
+            # quality.secure-sum: the server does not know who kept nothing, so such nodes are
+            # asked too; a round in which only they answered leaves the adapter as it was.
+            log.warning(
+                "round %d: every node that answered kept no samples: the adapter stays as it was",
+                server_round + self.round_offset,
+            )
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, ordered)
         if metrics is not None:
             self.train_metrics[server_round + self.round_offset] = dict(metrics)
         return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        if self._all_weightless(replies):  # as in aggregate_train: nothing to average
+            return None
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _all_weightless(self, replies: list[Message]) -> bool:
+        """Every reply weighs 0 (FedAvg would divide by 0): only nodes that kept nothing."""
+        if self.equal_weights:
+            return False
+        weights = [
+            float(record.get(self.weighted_by_key, 0))
+            for reply in replies
+            if not reply.has_error()
+            for record in reply.content.metric_records.values()
+        ]
+        return bool(weights) and not any(weights)
 
 
 def build_strategy(
