@@ -84,8 +84,16 @@ def demo_data(n: int, clients: int = 4) -> tuple[list[Sample], list[Sample]]:
 class Setup:
     """The model at a fixed checkpoint, the encoded samples and the anchor direction ḡ."""
 
-    def __init__(self, n: int, max_length: int, batch_tokens: int, anchors: bool = True):
-        self.loaded: LoadedModel = load(ModelConfig())
+    def __init__(
+        self,
+        n: int,
+        max_length: int,
+        batch_tokens: int,
+        anchors: bool = True,
+        device: str = "auto",
+        dtype: str = "auto",
+    ):
+        self.loaded: LoadedModel = load(ModelConfig(device=device, dtype=dtype))
         self.model, tok = self.loaded.model, self.loaded.tokenizer
         self.pad, self.batch_tokens = tok.pad_token_id, batch_tokens
         g = torch.Generator().manual_seed(0)
@@ -134,26 +142,28 @@ class Setup:
         weights = [params[b.name] for b in self.blocks]
         out = np.zeros((len(encoded), 2))
         for i, e in enumerate(encoded):
-            ids = torch.tensor([e.input_ids])
+            ids = torch.tensor([e.input_ids], device=self.loaded.placement.device)
             labels = ids.clone()
             labels[:, : e.n_prompt] = -100
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             flat = torch.cat([p.grad.reshape(-1) for p in weights])
-            out[i] = float(flat @ self.g_flat), float(flat @ flat)
+            out[i] = float(flat @ self.g_flat.to(flat.device)), float(flat @ flat)
             for p in weights:
                 p.grad = None
         return out
 
     def train(self, encoded: list[Encoded]) -> None:
-        """Plain LoRA training steps over the same batches (fedqc.train.local's loss and AdamW)."""
+        """Plain LoRA training steps over the same batches (fedqc.train.local's loss and AdamW,
+        under autocast in the model's dtype)."""
         model = self.model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         model.eval()  # same numerics as scoring (dropout off); the cost is the same
         for batch in token_budget_batches(encoded, self.batch_tokens, self.pad):
-            sums, counts = batch_nll(model, batch)
-            loss = sums.sum() / counts.sum().clamp(min=1)
+            with self.loaded.placement.autocast():
+                sums, counts = batch_nll(model, batch)
+                loss = sums.sum() / counts.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -188,7 +198,7 @@ def measure(fn: Callable[[], object]) -> Run:
 
 def memory_round(args: argparse.Namespace) -> None:
     """In a fresh process started with the mmap threshold: each method's peak extra MiB, as JSON."""
-    setup = Setup(args.samples, args.max_length, args.batch_tokens, anchors=False)
+    setup = Setup(args.samples, args.max_length, args.batch_tokens, False, args.device, args.dtype)
     enc = setup.encoded[: args.memory_samples]
     data = {m: enc for m in METHODS}
     data["loop"] = enc[: args.loop_samples or len(enc)]
@@ -223,6 +233,8 @@ def main() -> None:
     parser.add_argument(  # what fedqc uses for the gradient scorers
         "--batch-tokens", type=int, default=QualityConfig().backward_batch_tokens
     )
+    parser.add_argument("--device", default="auto", help="model.device")
+    parser.add_argument("--dtype", default="auto", help="model.dtype")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,13 +243,17 @@ def main() -> None:
         return
 
     t0 = time.perf_counter()
-    setup = Setup(args.samples, args.max_length, args.batch_tokens)
+    setup = Setup(
+        args.samples, args.max_length, args.batch_tokens, device=args.device, dtype=args.dtype
+    )
     enc = setup.encoded
     data = {m: enc for m in METHODS}
     data["loop"] = enc[: args.loop_samples or len(enc)]
     tokens = {m: sum(len(e.input_ids) for e in data[m]) for m in METHODS}
     print(
-        f"SmolLM2-135M, torch {torch.__version__}, {args.threads} threads | {len(enc)} samples "
+        f"SmolLM2-135M on {setup.loaded.placement.device}, "
+        f"{setup.loaded.placement.dtype_name}, torch {torch.__version__}, {args.threads} threads"
+        f" | {len(enc)} samples "
         f"(loop: {len(data['loop'])}), {tokens['hooks']} tokens "
         f"({sum(e.n_response for e in enc)} response), max_length {args.max_length}, "
         f"batch_tokens {args.batch_tokens} | {sum(b.size for b in setup.blocks)} LoRA "
