@@ -60,17 +60,22 @@ CPU_CAPS = [
 
 
 @pytest.mark.parametrize("caps, expected", CPU_CAPS)
-def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, caps, expected):
+def test_auto_scores_in_float32_and_trains_in_native_bf16_on_cpu(monkeypatch, caps, expected):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    assert placement.resolve_dtype("auto", torch.device("cpu")) == expected
-    assert placement.resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    auto = placement.resolve("cpu", "auto")
+    assert auto.dtype == torch.float32 and auto.train_dtype == expected
+    half = placement.resolve("cpu", "float16")
+    assert half.dtype == half.train_dtype == torch.float16
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_auto_dtype_on_cuda_follows_the_gpu(monkeypatch, bf16):
+def test_auto_on_cuda_trains_in_bf16_where_the_gpu_has_it(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
-    expected = torch.bfloat16 if bf16 else torch.float32
-    assert placement.resolve_dtype("auto", torch.device("cuda", 0)) == expected
+    auto = placement.resolve("cuda", "auto")
+    assert auto.dtype == torch.float32
+    assert auto.train_dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 
 def test_config_names_the_bad_device_or_dtype():
@@ -148,6 +153,33 @@ def test_float16_training_uses_a_gradient_scaler(tiny_model_dir, samples):
     assert all(torch.isfinite(v).all() for v in get_adapter_state(low.model).values())
 
 
+def test_auto_on_native_bf16_trains_float32_weights_under_bf16_autocast(
+    monkeypatch, tiny_model_dir, samples
+):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    auto = _loaded(tiny_model_dir, "auto")
+    assert auto.placement.describe() == {
+        "device": "cpu",
+        "dtype": "float32",
+        "train_dtype": "bfloat16",
+    }
+    assert auto.model.get_base_model().model.embed_tokens.weight.dtype == torch.float32
+    enc = encode_all(auto.tokenizer, samples, 128)
+    seen = []
+    q = next(m for n, m in auto.model.named_modules() if n.endswith("q_proj.base_layer"))
+    handle = q.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    try:
+        response_losses(auto.model, enc[:2], auto.tokenizer.pad_token_id)
+        assert set(seen) == {torch.float32}  # scoring: float32, the decisions of float32
+        seen.clear()
+        train_steps_with_optimizer(
+            auto.model, enc, auto.tokenizer.pad_token_id, 1, 2, 1e-3, placement=auto.placement
+        )
+        assert set(seen) == {torch.bfloat16}  # training: bf16 autocast
+    finally:
+        handle.remove()
+
+
 def test_gradient_checkpointing_gives_the_same_step(tiny_model_dir, samples):
     full = _loaded(tiny_model_dir, "float32")
     enc = encode_all(full.tokenizer, samples, 128)
@@ -202,11 +234,11 @@ def test_a_bfloat16_federation_records_what_it_used(tmp_path, tiny_model_dir, de
     )
     cfg = prepare(cfg, run_dir)
     toml = (run_dir / "config.toml").read_text()
-    assert 'dtype = "bfloat16"  # this machine: bfloat16' in toml
+    assert 'dtype = "bfloat16"  # this machine: bfloat16, training in bfloat16' in toml
     assert 'device = "cpu"  # this machine: cpu' in toml
     assert load_config(run_dir / "config.toml") == cfg  # the comments do not change the config
     run_simulation(cfg, cfg.data.num_clients)
-    used = {"device": "cpu", "dtype": "bfloat16"}
+    used = {"device": "cpu", "dtype": "bfloat16", "train_dtype": "bfloat16"}
     assert json.loads((run_dir / "threshold.json").read_text())["placement"] == used
     for client in ("client-0", "client-1"):
         local = json.loads((run_dir / "clients" / client / "selection.json").read_text())

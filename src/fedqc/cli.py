@@ -166,7 +166,10 @@ def _print_summary(summary: dict, cfg: Config) -> None:
         console.print(f"[dim]{th['guarantee']}[/]")
     if summary.get("placement"):
         where = summary["placement"]
-        console.print(f"[bold]model[/] {cfg.model.name} on {where['device']}, {where['dtype']}")
+        console.print(
+            f"[bold]model[/] {cfg.model.name} on {where['device']}: {where['dtype']}, "
+            f"training in {where['train_dtype']}"
+        )
     if budget := summary.get("privacy_budget"):
         console.print(
             f"[bold]privacy[/] ε = {budget['epsilon_total']:.4g} per client for its counts "

@@ -104,7 +104,10 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     from fedqc.models.placement import resolve
 
     used = resolve(cfg.model.device, cfg.model.dtype).describe()
-    notes = {f"model.{key}": f"this machine: {value}" for key, value in used.items()}
+    notes = {
+        "model.device": f"this machine: {used['device']}",
+        "model.dtype": f"this machine: {used['dtype']}, training in {used['train_dtype']}",
+    }
     (run_dir / "config.toml").write_text(cfg.to_toml(notes))
 
 

@@ -266,7 +266,7 @@ def _select(
         "rejected-non-finite": selection.rejected_non_finite,
         "truncated": int(cache["truncated"]),
     }
-    placement = {"device": str(cache["device"]), "dtype": str(cache["dtype"])}
+    placement = {k: str(cache[k]) for k in ("device", "dtype", "train_dtype")}
     _write_local(
         out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, true_counts, placement
     )
@@ -357,6 +357,7 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
             float(tc["weight-decay"]),
             seed,
             cfg.train.gradient_checkpointing,
+            loaded.placement,
         )
         if warmup:
             save_moments(

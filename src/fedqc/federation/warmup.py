@@ -249,6 +249,7 @@ def anchor_moments(
                 t.weight_decay,
                 warmup_seed(t.seed, k, ANCHOR_PID),
                 t.gradient_checkpointing,
+                loaded.placement,
             )
             out.append(moments_from_optimizer(loaded.model, optimizer))
     return out

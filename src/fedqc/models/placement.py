@@ -1,13 +1,18 @@
 """Where a model runs and in which dtype: ``model.device`` and ``model.dtype``, resolved once.
 
-``auto`` picks the first of CUDA, Apple's MPS and the CPU that this process can use, and bfloat16
-where that device computes it natively (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16),
-float32 elsewhere: a CPU without those units emulates bf16 several times slower than float32.
+``model.device=auto`` picks the first of CUDA, Apple's MPS and the CPU that this process can use.
 
-The base model's weights and activations take the dtype; the LoRA weights and the optimiser state
-stay float32 (PEFT's ``autocast_adapter_dtype``), and matrix products run under
-:meth:`Placement.autocast`, as PEFT and TRL users train. The output head, the log-softmax and
-every per-sample sum are computed in float32 (:func:`fedqc.models.likelihood.response_token_nll`).
+``model.dtype`` names the dtype of the base model's weights, of scoring and of training. ``auto``
+keeps the weights and scoring in float32, so keep decisions are float32's, and trains under
+bfloat16 autocast where the device computes bf16 natively (a CUDA GPU with bf16; a CPU with AMX
+or AVX512-BF16), float32 elsewhere (a CPU without those units emulates bf16 several times slower
+than float32). Scoring the demo in bf16 flipped 4 of 300 keep decisions (docs/hardware.md): more
+than the 1% a default may flip, so bf16 scoring is opt-in (``model.dtype=bfloat16``).
+
+The LoRA weights and the optimiser state always stay float32 (PEFT's ``autocast_adapter_dtype``);
+training runs forward and backward under :meth:`Placement.autocast`, as PEFT and TRL users train.
+The output head, the log-softmax and every per-sample sum are computed in float32
+(:func:`fedqc.models.likelihood.response_token_nll`).
 """
 
 from __future__ import annotations
@@ -28,27 +33,36 @@ DEVICE_PATTERN, DEVICES = PATTERNS["model.device"]
 
 @dataclass(frozen=True)
 class Placement:
-    """The resolved device and dtype of one process's model."""
+    """The resolved device, the dtype of the weights and scoring, and training's autocast dtype."""
 
     device: torch.device
     dtype: torch.dtype
+    train_dtype: torch.dtype
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return _name(self.dtype)
 
     def describe(self) -> dict[str, str]:
-        """What a run records: ``{"device": "cpu", "dtype": "float32"}``."""
-        return {"device": str(self.device), "dtype": self.dtype_name}
+        """What a run records: ``{"device": "cpu", "dtype": "float32", "train_dtype": ...}``."""
+        return {
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "train_dtype": _name(self.train_dtype),
+        }
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """Matrix products in the model's dtype (nothing to do in float32)."""
-        if self.dtype == torch.float32:
+        """Training's matrix products in ``train_dtype`` (nothing to do in float32)."""
+        if self.train_dtype == torch.float32:
             yield
             return
-        with torch.autocast(self.device.type, dtype=self.dtype):
+        with torch.autocast(self.device.type, dtype=self.train_dtype):
             yield
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -88,22 +102,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 where ``device`` runs it natively, else float32; or the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    if name not in DTYPES:
-        raise FedqcError(f"model.dtype: '{name}' is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def resolve(device: str, dtype: str) -> Placement:
     """The placement of ``model.device`` and ``model.dtype`` on this machine."""
     where = resolve_device(device)
-    return Placement(where, resolve_dtype(dtype, where))
+    if dtype == "auto":
+        train = torch.bfloat16 if native_bf16(where) else torch.float32
+        return Placement(where, torch.float32, train)
+    if dtype not in DTYPES:
+        raise FedqcError(f"model.dtype: '{dtype}' is not one of auto, {', '.join(DTYPES)}")
+    return Placement(where, DTYPES[dtype], DTYPES[dtype])
 
 
 def model_placement(model: torch.nn.Module) -> Placement:
-    """The placement a loaded model was given: its embedding weights' device and dtype."""
+    """A model's own placement: its embedding weights' device and dtype (training in it too)."""
     weight = model.get_input_embeddings().weight
-    return Placement(weight.device, weight.dtype)
+    return Placement(weight.device, weight.dtype, weight.dtype)

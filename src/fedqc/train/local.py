@@ -10,7 +10,7 @@ import torch
 
 from fedqc.data.encoding import Encoded, collate
 from fedqc.models.likelihood import batch_nll, causal_lm, response_nll
-from fedqc.models.placement import model_placement
+from fedqc.models.placement import Placement, model_placement
 
 
 def round_lr(lr: float, schedule: str, absolute_round: int, total_rounds: int) -> float:
@@ -35,10 +35,20 @@ def train_steps(
     weight_decay: float = 0.0,
     seed: int = 0,
     gradient_checkpointing: bool = False,
+    placement: Placement | None = None,
 ) -> float:
     """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss."""
     return train_steps_with_optimizer(
-        model, encoded, pad_id, steps, batch_size, lr, weight_decay, seed, gradient_checkpointing
+        model,
+        encoded,
+        pad_id,
+        steps,
+        batch_size,
+        lr,
+        weight_decay,
+        seed,
+        gradient_checkpointing,
+        placement,
     )[0]
 
 
@@ -52,11 +62,13 @@ def train_steps_with_optimizer(
     weight_decay: float = 0.0,
     seed: int = 0,
     gradient_checkpointing: bool = False,
+    placement: Placement | None = None,
 ) -> tuple[float, torch.optim.AdamW]:
     """:func:`train_steps`, also returning the optimizer (its Adam moments, for ``clues``).
 
     The LoRA weights and AdamW's state are float32; forward and backward run under autocast in
-    the model's dtype (:mod:`fedqc.models.placement`), float16 with a gradient scaler.
+    ``placement.train_dtype`` (:mod:`fedqc.models.placement`; default: the model's own dtype),
+    float16 with a gradient scaler.
     ``gradient_checkpointing`` recomputes the activations in the backward pass: less memory for
     long sequences and big models, about a third more compute.
     """
@@ -64,10 +76,11 @@ def train_steps_with_optimizer(
         raise ValueError("no samples to train on")
     rng = random.Random(seed)
     torch.manual_seed(seed)  # LoRA dropout
-    placement = model_placement(model)
+    placement = placement or model_placement(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(placement.device.type, enabled=placement.dtype == torch.float16)
+    half = placement.train_dtype == torch.float16
+    scaler = torch.amp.GradScaler(placement.device.type, enabled=half)
     lm = causal_lm(model)
     if gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
