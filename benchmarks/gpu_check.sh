@@ -21,11 +21,13 @@ p = resolve("auto", "auto")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name(p.device)}: auto = {p.describe()}")
 EOF
 
-echo "== scoring throughput (fedqc in auto dtype; reference: batch size 1, float32) =="
+echo "== scoring throughput (reference: batch size 1, float32), fedqc in float32 (auto) and bf16 =="
 "$py" benchmarks/scoring_throughput.py --device cuda --samples 64 --repeats 3 --ref-repeats 2
+"$py" benchmarks/scoring_throughput.py --device cuda --dtype bfloat16 --samples 64 --repeats 3
 
-echo "== training step: bfloat16 autocast against float32 =="
-"$py" benchmarks/training_step.py --device cuda --steps 20 --repeats 2
+echo "== training step: model.dtype=auto (float32 weights, bf16 autocast) and bfloat16 against float32 =="
+"$py" benchmarks/training_step.py --device cuda --dtype auto --steps 20 --repeats 2
+"$py" benchmarks/training_step.py --device cuda --dtype bfloat16 --steps 20 --repeats 2
 
 echo "== one-round fedqc run on the GPU (4 clients share it) =="
 "$fedqc" run --out "$out/run" --force --set train.rounds=1 --set federation.client-gpus=0.25

@@ -5,10 +5,10 @@ All three methods run in one process on SmolLM2-135M over the same demo samples 
 same ``max_length``), so they do identical work on identical tokens:
 
 1. **fedqc** - ``score_samples`` with both passes (ℓ(r|q) conditioned, ℓ(r) bare), batched by
-   ``token_budget_batches``, the output head only on response positions, in the dtype that
-   ``model.dtype`` gives on this machine (``--dtype``, default ``auto``: bfloat16 where the CPU or
-   GPU runs it natively, else float32). All four scores (ppl, cond-prob, ifd, ira) come from
-   those two per-sample losses. The timing includes tokenisation.
+   ``token_budget_batches``, the output head only on response positions, in the scoring dtype
+   that ``--dtype`` gives (``model.dtype``; ``auto`` scores in float32, ``bfloat16`` opts into
+   bf16 weights and activations). All four scores (ppl, cond-prob, ifd, ira) come from those two
+   per-sample losses. The timing includes tokenisation.
 2. **reference** - what the papers ship (Cherry LLM's ``data_analysis.py``, FedDQC): the plain
    model in float32, batch size 1, two forwards per sample, ``model(input_ids, labels=...)``
    with HF's own loss: the conditioned pass with the prompt masked and the bare pass, and all
