@@ -11,8 +11,8 @@ device, and compares what the clients decided:
 
     python benchmarks/dtype_agreement.py [--device cpu] [--dtypes float32,bfloat16] [--out DIR]
 
-On a CPU without native bf16 (no AMX or AVX512-BF16) the bfloat16 run is emulated and slow
-(about 5× the float32 run), but its numbers are those of bf16 arithmetic all the same.
+On a CPU without native bf16 (no AMX or AVX512-BF16) the bfloat16 run is emulated and slower
+than the float32 run, but its numbers are those of bf16 arithmetic all the same.
 """
 
 from __future__ import annotations
