@@ -113,6 +113,8 @@ def test_bad_choices_and_ranges_in_the_config():
         ("quality.dp-epsilon", "-1", "must be ≥ 0.0"),
         ("federation.min-nodes", "0", "must be ≥ 1"),
         ("train.dp-clipping-norm", "0", "must be > 0"),
+        ("train.strategy", "fedprox:-1", "'train.strategy' must be one of fedavg, fedprox:MU"),
+        ("train.aggregation", "merge:ties:0", "'train.aggregation' must be one of mean"),
     ]:
         with pytest.raises(FedqcError, match=fragment):
             Config.from_flat({key: value}, "--set")
@@ -261,6 +263,18 @@ def cli_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> tuple[Path, dict]:
             "run", *demo, "--set", "quality.rule=fixed:1.0", "--out", "c", cwd=cwd
         ),
         "bad-choice": _start("run", "--set", "train.dp-mode=maybe", "--out", "d", cwd=cwd),
+        "bad-strategy": _start("run", "--set", "train.strategy=krum:x", "--out", "e", cwd=cwd),
+        "merge-robust": _start(
+            "run",
+            *demo,
+            "--set",
+            "train.strategy=fedmedian",
+            "--set",
+            "train.aggregation=merge:ties:0.5",
+            "--out",
+            "f",
+            cwd=cwd,
+        ),  # fmt: skip
         "resume-nothing": _start("run", "--resume", "taken", cwd=cwd),
     }
     return cwd, {k: p.communicate(timeout=600) + (p.returncode,) for k, p in started.items()}
@@ -274,6 +288,8 @@ def cli_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> tuple[Path, dict]:
         ("taken", "taken: exists and is not empty; choose another --out or add --force"),
         ("drops-everything", "drops every sample in the federation"),
         ("bad-choice", "'train.dp-mode' must be one of off, server, client"),
+        ("bad-strategy", "'train.strategy' must be one of fedavg, fedprox:MU"),
+        ("merge-robust", "train.aggregation=merge:ties:0.5 merges adapters"),
         ("resume-nothing", "taken: not a fedqc run directory"),
     ],
 )
@@ -284,7 +300,13 @@ def test_fedqc_run_mistakes_give_one_line_and_exit_2(cli_runs, name, fragment):
     assert "Traceback" not in stdout + stderr
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and fragment in errors[0], stderr
-    out = {"duplicate-id": "a", "unknown-model": "b", "bad-choice": "d"}.get(name)
+    out = {
+        "duplicate-id": "a",
+        "unknown-model": "b",
+        "bad-choice": "d",
+        "bad-strategy": "e",
+        "merge-robust": "f",
+    }.get(name)
     if out:  # found before the run directory is made
         assert not (cwd / out).exists()
     assert (cwd / "taken" / "notes.txt").read_text() == "mine"

@@ -162,3 +162,47 @@ def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / ".cache" / "fedqc"
     monkeypatch.setenv("FEDQC_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("train.strategy", "fedsgd"),
+        ("train.strategy", "fedprox:-1"),
+        ("train.strategy", "fedprox"),
+        ("train.strategy", "krum:x"),
+        ("train.strategy", "krum:1.5"),
+        ("train.strategy", "fedtrimmedavg:0.7"),
+        ("train.strategy", "fedtrimmedavg:0.5"),
+        ("train.strategy", "fedavgm:1"),
+        ("train.strategy", "fedadam:-0.1"),
+        ("train.aggregation", "median"),
+        ("train.aggregation", "merge:ties"),
+        ("train.aggregation", "merge:ties:0"),
+        ("train.aggregation", "merge:dare-ties:1.5"),
+        ("train.aggregation", "merge:task-arithmetic:0.5"),
+    ],
+)
+def test_bad_strategy_and_aggregation_values_are_named(key, value):
+    with pytest.raises(FedqcError, match=f"--set: '{key}' must be one of .*got '{value}'"):
+        load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "train.strategy=fedprox:0.01",
+        "train.strategy=fedprox:1e-3",
+        "train.strategy=fedavgm:0.9",
+        "train.strategy=fedadam",
+        "train.strategy=fedyogi:0.01",
+        "train.strategy=fedtrimmedavg:0.2",
+        "train.strategy=krum:1",
+        "train.aggregation=merge:ties:0.5",
+        "train.aggregation=merge:dare-ties:1",
+        "train.aggregation=merge:task-arithmetic",
+    ],
+)
+def test_good_strategy_and_aggregation_values_are_kept(item):
+    key, value = item.split("=")
+    assert load_config(None, [item]).to_flat()[key] == value

@@ -85,6 +85,14 @@ class TrainConfig:
     dp_noise_multiplier: float = 1.0  # Gaussian noise std = multiplier × clipping norm / clients
     dp_clipping_norm: float = 1.0  # L2 bound on one client's adapter update per round
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    # Flower's strategy (fedqc.federation.strategy): fedavg, fedprox:MU, fedavgm:MOMENTUM,
+    # fedadam[:ETA], fedyogi[:ETA], fedadagrad[:ETA], or the robust fedmedian,
+    # fedtrimmedavg:BETA (0 ≤ BETA < 0.5), krum:F (F clients assumed malicious)
+    strategy: str = "fedavg"
+    # How the clients' adapters are combined: mean (the strategy's own: FedAvg's weighted mean),
+    # or merged as task vectors: merge:ties:DENSITY, merge:dare-ties:DENSITY,
+    # merge:task-arithmetic (fedqc.train.merge)
+    aggregation: str = "mean"
 
 
 @dataclass
@@ -121,7 +129,23 @@ AT_LEAST = {
 }
 POSITIVE = {"train.dp-clipping-norm"}
 # Keys whose value must match a pattern: (regular expression, what to write instead).
-PATTERNS = {"model.device": (r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")}
+_NUMBER = r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?"  # ≥ 0
+_BELOW_ONE, _BELOW_HALF = r"(0|0?\.\d+)", r"(0|0?\.[0-4]\d*)"
+PATTERNS = {
+    "model.device": (r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps"),
+    "train.strategy": (
+        rf"fedavg|fedprox:{_NUMBER}|fedavgm:{_BELOW_ONE}|(fedadam|fedyogi|fedadagrad)(:{_NUMBER})?"
+        rf"|fedmedian|fedtrimmedavg:{_BELOW_HALF}|krum:\d+",
+        "fedavg, fedprox:MU (MU ≥ 0), fedavgm:MOMENTUM (0 ≤ MOMENTUM < 1), fedadam[:ETA], "
+        "fedyogi[:ETA], fedadagrad[:ETA], fedmedian, fedtrimmedavg:BETA (0 ≤ BETA < 0.5) or "
+        "krum:F (F = 0, 1, 2, ...)",
+    ),
+    "train.aggregation": (
+        r"mean|merge:task-arithmetic|merge:(ties|dare-ties):(0?\.\d*[1-9]\d*|1(\.0*)?)",
+        "mean, merge:ties:DENSITY, merge:dare-ties:DENSITY (0 < DENSITY ≤ 1) or "
+        "merge:task-arithmetic",
+    ),
+}
 
 
 @dataclass

@@ -34,12 +34,14 @@ def check_inputs(cfg: Config) -> None:
     """Stop with one clear line on a bad scorer, rule, model or data file (writes nothing)."""
     import torch
 
+    from fedqc.federation.strategy import check_strategy
     from fedqc.models.loading import load
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
     from fedqc.scoring.shots import require_anchors
 
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
+    check_strategy(cfg)
     d = cfg.data
     if d.federation and d.federation not in DEMOS:
         raise FedqcError(

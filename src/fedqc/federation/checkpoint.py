@@ -1,9 +1,11 @@
 """The server's checkpoint after every round, and reading it back to resume.
 
 ``RUN_DIR/checkpoint/`` holds ``state.json`` (round, τ, selection, per-round history, the
-participation log, the strategy settings and the config) and ``adapter-round-<r>.npz`` (the global
-adapter, bit for bit). The adapter is written first and ``state.json`` last, each by an atomic
-rename, so a crash at any moment leaves the previous complete checkpoint.
+participation log, the strategy settings and the config), ``adapter-round-<r>.npz`` (the global
+adapter, bit for bit) and, for a strategy with a server optimiser (FedAdam, FedYogi, FedAdagrad,
+FedAvgM), ``optimizer-round-<r>.npz`` (its moments, bit for bit). The arrays are written first and
+``state.json`` last, each by an atomic rename, so a crash at any moment leaves the previous
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -26,20 +28,30 @@ STATE_FILE = "state.json"
 RESUMABLE_CHANGES = ("train.rounds", "federation.", "output.")
 
 
-def save_checkpoint(run_dir: Path, state: dict, arrays: ArrayRecord) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    state: dict,
+    arrays: ArrayRecord,
+    optimizer: dict[str, np.ndarray] | None = None,
+) -> None:
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"adapter-round-{state['round']}.npz"
-    tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{k: a.numpy() for k, a in arrays.items()})
-    os.replace(tmp, folder / name)
-    state = {**state, "adapter": name, "adapter-sha256": sha256_of(folder / name)}
+    files = {"adapter": {k: a.numpy() for k, a in arrays.items()}}
+    if optimizer:
+        files["optimizer"] = optimizer
+    names = {}
+    for kind, tensors in files.items():
+        name = f"{kind}-round-{state['round']}.npz"
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **tensors)
+        os.replace(tmp, folder / name)
+        names |= {kind: name, f"{kind}-sha256": sha256_of(folder / name)}
     tmp = folder / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.write_text(json.dumps({**state, **names}, indent=2) + "\n")
     os.replace(tmp, folder / STATE_FILE)
-    for old in folder.glob("adapter-round-*.npz"):
-        if old.name != name:
+    for old in [*folder.glob("adapter-round-*.npz"), *folder.glob("optimizer-round-*.npz")]:
+        if old.name not in names.values():
             old.unlink()
 
 
@@ -66,6 +78,17 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, ArrayRecord]:
     with np.load(adapter) as npz:
         tensors = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
     return state, ArrayRecord(tensors)
+
+
+def load_optimizer(run_dir: Path, state: dict) -> dict[str, np.ndarray]:
+    """The server optimiser's state saved with ``state`` (empty if the strategy has none)."""
+    if "optimizer" not in state:
+        return {}
+    path = run_dir / CHECKPOINT_DIR / state["optimizer"]
+    if not path.is_file() or sha256_of(path) != state.get("optimizer-sha256"):
+        raise FedqcError(f"{path}: the checkpoint's optimizer state is missing or damaged")
+    with np.load(path) as npz:
+        return {k: npz[k].copy() for k in npz.files}
 
 
 def check_resumable(saved: dict, current: dict) -> None:

@@ -358,6 +358,7 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
             seed,
             cfg.train.gradient_checkpointing,
             loaded.placement,
+            float(tc.get("proximal-mu", 0.0)),  # FedProx (train.strategy=fedprox:MU)
         )
         if warmup:
             save_moments(

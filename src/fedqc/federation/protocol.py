@@ -100,7 +100,8 @@ EVALUATE_METRICS = ("num-examples", "eval-loss")
 # Keys of the training ConfigRecord (server → client), besides Flower's own ``server-round``.
 # ``round-offset`` is the number of rounds finished before this (resumed) strategy run: a client's
 # absolute round, which seeds its batches and sets its learning rate, is server-round + offset.
-# In warm-up rounds ``total-rounds`` is quality.warmup-rounds.
+# In warm-up rounds ``total-rounds`` is quality.warmup-rounds. Flower's FedProx adds
+# ``proximal-mu`` (train.strategy=fedprox:MU), the weight of the proximal term in local training.
 TRAIN_CONFIG = (
     "local-steps",
     "batch-size",
@@ -111,6 +112,7 @@ TRAIN_CONFIG = (
     "max-length",
     "round-offset",
     "total-rounds",
+    "proximal-mu",
 )
 
 # The only reasons an error reply from a node may carry: the guard (fedqc.federation.privacy)

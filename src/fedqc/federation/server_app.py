@@ -33,12 +33,18 @@ from fedqc.federation.checkpoint import (
     CHECKPOINT_DIR,
     check_resumable,
     load_checkpoint,
+    load_optimizer,
     save_checkpoint,
 )
 from fedqc.federation.privacy import privacy_budget
 from fedqc.federation.protocol import QUERY_SCORE
 from fedqc.federation.query import query_round
-from fedqc.federation.strategy import ParticipationGrid, build_strategy
+from fedqc.federation.strategy import (
+    ParticipationGrid,
+    build_strategy,
+    optimizer_state,
+    restore_optimizer_state,
+)
 from fedqc.federation.warmup import (
     WARMUP_DIR,
     WARMUP_FILE,
@@ -470,6 +476,8 @@ def _train(
             if s["kept"] > 0
         }
     strategy = build_strategy(cfg, clients, grid, offset)
+    if resumed:  # FedAdam's moments, FedAvgM's momentum: as they were after the last round
+        restore_optimizer_state(strategy, load_optimizer(run_dir, resumed[0]))
     base = getattr(strategy, "strategy", strategy)
     final = {"arrays": start}
 
@@ -513,6 +521,7 @@ def _train(
                     "config": cfg.to_flat(),
                 },
                 arrays,
+                optimizer_state(strategy),
             )
         return (
             MetricRecord({k: v for k, v in metrics.items() if k != "round"}) if eval_set else None
@@ -556,6 +565,7 @@ def _train(
 def _describe(strategy) -> dict:
     base = getattr(strategy, "strategy", strategy)
     out = {"name": type(strategy).__name__, "base": type(base).__name__}
+
     if base is not strategy:
         out |= {
             "noise-multiplier": strategy.noise_multiplier,

@@ -3,32 +3,58 @@
 - :class:`ParticipationGrid` wraps Flower's Grid and records, for every exchange, which nodes were
   asked and which answered (and why the others did not). A training round with fewer answers than
   the minimum stops the run; the last checkpoint stays, so it can be resumed.
-- :class:`QualityFedAvg` is Flower's FedAvg with three changes: it samples only the connected nodes
-  that kept samples in the quality round (the others sit out; under ``quality.secure-sum``, where
-  the server does not know who kept nothing, every node that answered it, and a round in which
-  only zero-weight replies come keeps the adapter), it aggregates replies in a fixed
-  order (FedAvg's float sums are then the same on every run), and it can weight clients equally
-  (needed by DP-FedAvg, whose noise assumes equal weights).
-- :func:`build_strategy` wraps it in Flower's DP-FedAvg wrappers when ``train.dp-mode`` asks.
+- :func:`quality_strategy` puts fedqc's behaviour around any of Flower's FedAvg-family classes
+  (``train.strategy``: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian,
+  FedTrimmedAvg, Krum): it samples only the connected nodes that kept samples in the quality round
+  (the others sit out; under ``quality.secure-sum``, where the server does not know who kept
+  nothing, every node that answered it, and a round in which only zero-weight replies come keeps
+  the adapter), it aggregates replies in a fixed order (float sums are then the same on every
+  run), it can weight clients equally (needed by DP-FedAvg, whose noise assumes equal weights),
+  and it can merge the adapters instead of averaging them (``train.aggregation``,
+  :mod:`fedqc.train.merge`). :data:`QualityFedAvg` is FedAvg with it.
+- :func:`optimizer_state` and :func:`restore_optimizer_state` carry the server optimiser's state
+  (FedAdam's moments, FedAvgM's momentum) through the checkpoint.
+- :func:`build_strategy` builds the configured one and wraps it in Flower's DP-FedAvg wrappers
+  when ``train.dp-mode`` asks.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import cache
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
     Strategy,
 )
 
 from fedqc.config import Config
 from fedqc.errors import FedqcError
+from fedqc.federation.protocol import TRAIN_WARMUP
+from fedqc.train.merge import merge_adapters, parse_aggregation
 
 log = logging.getLogger(__name__)
 NO_REPLY = "no reply within federation.timeout"
@@ -102,37 +128,22 @@ class ParticipationGrid:
         return found[-1] if found else None
 
 
-class QualityFedAvg(FedAvg):
-    """FedAvg on the nodes that kept samples, in a fixed order; rounds counted from an offset.
+class _Selection(FedAvg):
+    """The lower half of a fedqc strategy, under Flower's strategy class: which nodes are asked
+    (in a fixed order), and the mean (FedAvg's) or the merge of their adapters.
 
-    ``clients`` maps each eligible node id (kept > 0 in the quality round; every node that
-    answered it under quality.secure-sum) to its partition id,
-    which orders the aggregation. ``train_metrics`` holds the aggregated metrics per absolute
-    round. FedAvg itself keeps no state between rounds beyond its settings, so the checkpoint's
-    global adapter, round and participation log are the whole strategy state.
+    Flower's subclasses of FedAvg (FedProx, FedAvgM, FedAdam, ...) do their own work around
+    ``configure_train`` and ``aggregate_train`` and call FedAvg's: placed between them and FedAvg,
+    this class replaces FedAvg's random sampling and, under ``train.aggregation = merge:...``, its
+    mean. The robust ones (FedMedian, FedTrimmedAvg, Krum) aggregate without calling it.
     """
 
-    def __init__(
-        self,
-        clients: dict[int, int],
-        grid: ParticipationGrid,
-        round_offset: int = 0,
-        fraction_evaluate: float = 0.0,
-        equal_weights: bool = False,
-        seed: int = 0,
-        message_type: str = MessageType.TRAIN,
-    ) -> None:
-        super().__init__(
-            fraction_train=1.0,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=1,
-            min_evaluate_nodes=1 if fraction_evaluate else 0,
-            min_available_nodes=1,
-        )
-        self.clients, self.recorder = dict(clients), grid
-        self.round_offset, self.equal_weights, self.seed = round_offset, equal_weights, seed
-        self.message_type = message_type  # "train", or "train.warmup" for the warm-up rounds
-        self.train_metrics: dict[int, dict] = {}
+    clients: dict[int, int]
+    recorder: ParticipationGrid
+    round_offset: int
+    seed: int
+    message_type: str
+    merge: tuple[str, float] | None
 
     def _connected(self, grid: Grid) -> list[int]:
         connected = set(grid.get_node_ids())
@@ -151,6 +162,7 @@ class QualityFedAvg(FedAvg):
                 f"round {self.recorder.round}: none of the {len(self.clients)} nodes with kept "
                 "samples is connected; resume once they are back"
             )
+        self._global = arrays  # the task vectors of a merge are the clients' changes to it
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, self.message_type)
@@ -171,6 +183,71 @@ class QualityFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's weighted mean, or the merge of the adapters (``server_round`` is absolute)."""
+        if self.merge is None:
+            return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        method, density = self.merge
+        states = [m.content[self.arrayrecord_key].to_torch_state_dict() for m in valid]
+        weights = [
+            float(next(iter(m.content.metric_records.values()))[self.weighted_by_key])
+            for m in valid
+        ]
+        merged = merge_adapters(
+            self._global.to_torch_state_dict(),
+            states,
+            weights,
+            method,
+            density,
+            seed=self.seed * 1_000_003 + server_round,
+        )
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return ArrayRecord({k: Array(v.numpy()) for k, v in merged.items()}), metrics
+
+
+class _Replies:
+    """The upper half of a fedqc strategy, over Flower's strategy class: what every strategy does
+    with the replies before Flower's class sees them.
+
+    It orders them by partition id (float sums are then the same on every run), gives them equal
+    weights when ``equal_weights`` (DP-FedAvg's noise assumes equal weights), skips a round in
+    which every reply weighs 0 (under quality.secure-sum only nodes that kept nothing answered:
+    the adapter stays), passes the absolute round down (FedAdam's bias correction counts rounds:
+    a resumed run must count them from the start of the run) and records the metrics.
+    """
+
+    def __init__(
+        self,
+        clients: dict[int, int],
+        grid: ParticipationGrid,
+        round_offset: int = 0,
+        fraction_evaluate: float = 0.0,
+        equal_weights: bool = False,
+        seed: int = 0,
+        message_type: str = MessageType.TRAIN,
+        merge: tuple[str, float] | None = None,
+        **settings,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=1,
+            min_evaluate_nodes=1 if fraction_evaluate else 0,
+            min_available_nodes=1,
+            **settings,
+        )
+        self.clients, self.recorder = dict(clients), grid
+        self.round_offset, self.equal_weights, self.seed = round_offset, equal_weights, seed
+        self.message_type = message_type  # "train", or "train.warmup" for the warm-up rounds
+        self.merge = merge
+        self.train_metrics: dict[int, dict] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        absolute = server_round + self.round_offset
         ordered = sorted(replies, key=lambda m: self._order(m.metadata.src_node_id))
         if self.equal_weights:
             for reply in ordered:
@@ -182,12 +259,12 @@ class QualityFedAvg(FedAvg):
             # asked too; a round in which only they answered leaves the adapter as it was.
             log.warning(
                 "round %d: every node that answered kept no samples: the adapter stays as it was",
-                server_round + self.round_offset,
+                absolute,
             )
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, ordered)
+        arrays, metrics = super().aggregate_train(absolute, ordered)
         if metrics is not None:
-            self.train_metrics[server_round + self.round_offset] = dict(metrics)
+            self.train_metrics[absolute] = dict(metrics)
         return arrays, metrics
 
     def aggregate_evaluate(
@@ -211,6 +288,68 @@ class QualityFedAvg(FedAvg):
         return bool(weights) and not any(weights)
 
 
+@cache
+def quality_strategy(flower_strategy: type[FedAvg]) -> type:
+    """Flower's strategy class with fedqc's behaviour around it (see _Replies and _Selection)."""
+    middle = () if flower_strategy is FedAvg else (flower_strategy,)
+    name = f"Quality{flower_strategy.__name__}"
+    return type(name, (_Replies, *middle, _Selection), {"__doc__": quality_strategy.__doc__})
+
+
+QualityFedAvg = quality_strategy(FedAvg)
+# train.strategy: Flower's class, and its settings from the value's parameter (None: no parameter).
+# FedOpt's server learning rate eta (FedAdam, FedYogi, FedAdagrad) is OpenFedLLM's 1e-3 rather
+# than Flower's 0.1, a step too large for LoRA weights of order 1e-2; "fedadam:ETA" sets it.
+STRATEGIES: dict[str, tuple[type[FedAvg], Callable[[str | None], dict]]] = {
+    "fedavg": (FedAvg, lambda p: {}),
+    "fedprox": (FedProx, lambda p: {"proximal_mu": float(p)}),
+    "fedavgm": (FedAvgM, lambda p: {"server_momentum": float(p)}),
+    "fedadam": (FedAdam, lambda p: {"eta": float(p or 1e-3)}),
+    "fedyogi": (FedYogi, lambda p: {"eta": float(p or 1e-3)}),
+    "fedadagrad": (FedAdagrad, lambda p: {"eta": float(p or 1e-3)}),
+    "fedmedian": (FedMedian, lambda p: {}),
+    "fedtrimmedavg": (FedTrimmedAvg, lambda p: {"beta": float(p)}),
+    "krum": (Krum, lambda p: {"num_malicious_nodes": int(p)}),
+}
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum")  # they aggregate their own way: no merge
+
+
+def check_strategy(cfg: Config) -> None:
+    """Stop on a train.aggregation that train.strategy cannot use (one line, before the run)."""
+    name = cfg.train.strategy.partition(":")[0]
+    if cfg.train.aggregation != "mean" and name in ROBUST:
+        raise FedqcError(
+            f"train.aggregation={cfg.train.aggregation} merges adapters, which "
+            f"train.strategy={cfg.train.strategy} does not (it picks or trims them its own "
+            "way); use train.aggregation=mean, or a strategy that averages"
+        )
+
+
+def optimizer_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The server optimiser's state (FedAdam/FedYogi/FedAdagrad moments, FedAvgM momentum), for
+    the checkpoint: names "m_t/<key>", "v_t/<key>", "momentum/<i>"; empty for the others."""
+    base = getattr(strategy, "strategy", strategy)
+    state = {}
+    for name in ("m_t", "v_t"):
+        for key, value in (getattr(base, name, None) or {}).items():
+            state[f"{name}/{key}"] = np.asarray(value)
+    for i, value in enumerate(getattr(base, "momentum_vector", None) or []):
+        state[f"momentum/{i:04d}"] = np.asarray(value)
+    return state
+
+
+def restore_optimizer_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    """Put :func:`optimizer_state`'s arrays back into a new strategy of the same kind."""
+    base = getattr(strategy, "strategy", strategy)
+    for name in ("m_t", "v_t"):
+        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
+        if values:
+            setattr(base, name, values)
+    momentum = [state[k] for k in sorted(state) if k.startswith("momentum/")]
+    if momentum:
+        base.momentum_vector = momentum
+
+
 def build_strategy(
     cfg: Config,
     clients: dict[int, int],
@@ -218,12 +357,20 @@ def build_strategy(
     round_offset: int,
     message_type: str = MessageType.TRAIN,
 ) -> Strategy:
-    """QualityFedAvg, wrapped in Flower's fixed-clipping DP-FedAvg when train.dp-mode asks.
+    """train.strategy's Flower class with fedqc's behaviour (:func:`quality_strategy`) and
+    train.aggregation, wrapped in Flower's fixed-clipping DP-FedAvg when train.dp-mode asks.
 
-    The warm-up rounds (``message_type`` "train.warmup") use it too, without client evaluation.
+    The warm-up rounds (``message_type`` "train.warmup") use FedAvg's mean, without client
+    evaluation: they only make the checkpoints the scorers score with.
     """
     t = cfg.train
-    base = QualityFedAvg(
+    name, _, parameter = t.strategy.partition(":")
+    merge = parse_aggregation(t.aggregation)
+    if message_type == TRAIN_WARMUP:  # the warm-up rounds only make checkpoints to score with
+        name, parameter, merge = "fedavg", "", None
+    check_strategy(cfg)
+    flower_strategy, settings = STRATEGIES[name]
+    base = quality_strategy(flower_strategy)(
         clients,
         grid,
         round_offset=round_offset,
@@ -233,6 +380,8 @@ def build_strategy(
         equal_weights=t.dp_mode != "off",
         seed=t.seed,
         message_type=message_type,
+        merge=merge,
+        **settings(parameter or None),
     )
     if t.dp_mode == "off":
         return base

@@ -36,6 +36,7 @@ def train_steps(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     placement: Placement | None = None,
+    proximal_mu: float = 0.0,
 ) -> float:
     """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss."""
     return train_steps_with_optimizer(
@@ -49,6 +50,7 @@ def train_steps(
         seed,
         gradient_checkpointing,
         placement,
+        proximal_mu,
     )[0]
 
 
@@ -63,6 +65,7 @@ def train_steps_with_optimizer(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     placement: Placement | None = None,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, torch.optim.AdamW]:
     """:func:`train_steps`, also returning the optimizer (its Adam moments, for ``clues``).
 
@@ -71,6 +74,9 @@ def train_steps_with_optimizer(
     float16 with a gradient scaler.
     ``gradient_checkpointing`` recomputes the activations in the backward pass: less memory for
     long sequences and big models, about a third more compute.
+    ``proximal_mu`` > 0 adds FedProx's proximal term mu/2 · ||w − w_0||² over the trainable (LoRA)
+    weights, w_0 being their values at the start (the global adapter); the mean loss returned is
+    the data loss without it.
     """
     if not encoded:
         raise ValueError("no samples to train on")
@@ -78,6 +84,7 @@ def train_steps_with_optimizer(
     torch.manual_seed(seed)  # LoRA dropout
     placement = placement or model_placement(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     half = placement.train_dtype == torch.float16
     scaler = torch.amp.GradScaler(placement.device.type, enabled=half)
@@ -92,8 +99,15 @@ def train_steps_with_optimizer(
             with placement.autocast():
                 sums, counts = batch_nll(model, collate([encoded[i] for i in rows], rows, pad_id))
                 loss = sums.sum() / counts.sum().clamp(min=1)
+            total = loss
+            if start:
+                drift = sum(
+                    ((p.float() - p0.float()) ** 2).sum()
+                    for p, p0 in zip(params, start, strict=True)
+                )
+                total = loss + proximal_mu / 2 * drift
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss.item())

@@ -1,0 +1,278 @@
+"""train.strategy and train.aggregation: Flower's strategies with fedqc's behaviour around them,
+adapter merging, FedProx's proximal term, and a stateful strategy's exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAdam, FedMedian, FedProx, Krum
+from local_grid import LocalGrid, QuietStages
+from safetensors.numpy import load_file
+
+from fedqc.config import Config, ModelConfig
+from fedqc.data.encoding import encode_all
+from fedqc.data.samples import load_samples
+from fedqc.errors import FedqcError
+from fedqc.federation.checkpoint import load_checkpoint
+from fedqc.federation.client_app import build_client_app
+from fedqc.federation.server_app import run_server
+from fedqc.federation.strategy import (
+    STRATEGIES,
+    ParticipationGrid,
+    build_strategy,
+    optimizer_state,
+    restore_optimizer_state,
+)
+from fedqc.models.loading import get_adapter_state, load, set_adapter_state
+from fedqc.train.local import train_steps
+from fedqc.train.merge import merge_adapters, parse_aggregation
+
+ALL = [
+    "fedavg",
+    "fedprox:0.1",
+    "fedavgm:0.9",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg:0.2",
+    "krum:1",
+]
+
+
+def _strategy(value: str, clients: dict[int, int], grid, aggregation: str = "mean", **extra):
+    flat = {"train.strategy": value, "train.aggregation": aggregation, **extra}
+    return build_strategy(Config.from_flat(flat), clients, grid, 0)
+
+
+def _reply(node: int, w: list[float], kept: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.array(w, dtype=np.float32))})})
+    content["metrics"] = MetricRecord({"num-examples": kept, "train-loss": 0.0})
+    request = Message(RecordDict(), dst_node_id=node, message_type="train")
+    reply = Message(content, reply_to=request)
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+@pytest.fixture
+def grid():
+    return ParticipationGrid(LocalGrid(ClientApp(), 5))
+
+
+@pytest.mark.parametrize("value", ALL)
+def test_every_strategy_asks_only_the_nodes_that_kept_samples_in_partition_order(value, grid):
+    nodes = grid.get_node_ids()  # not in partition order
+    clients = {grid.partition[n]: n for n in nodes}
+    eligible = {clients[p]: p for p in (3, 0, 4)}  # partitions 1 and 2 kept nothing
+    strategy = _strategy(value, eligible, grid)
+    start = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, start, ConfigRecord({"lr": 0.1}), grid))
+    assert [m.metadata.dst_node_id for m in messages] == [clients[0], clients[3], clients[4]]
+    assert {m.metadata.message_type for m in messages} == {"train"}
+    mu = [m.content["config"].get("proximal-mu") for m in messages]
+    assert mu == ([0.1] * 3 if value.startswith("fedprox") else [None] * 3)
+
+
+def test_the_flower_class_and_its_settings_come_from_the_value(grid):
+    adam = _strategy("fedadam:0.01", {1: 0}, grid)
+    assert isinstance(adam, FedAdam) and adam.eta == 0.01
+    assert _strategy("fedadam", {1: 0}, grid).eta == 1e-3
+    assert isinstance(_strategy("fedprox:0.5", {1: 0}, grid), FedProx)
+    assert _strategy("fedavgm:0.9", {1: 0}, grid).server_momentum == 0.9
+    assert _strategy("fedtrimmedavg:0.25", {1: 0}, grid).beta == 0.25
+    krum = _strategy("krum:2", {1: 0}, grid)
+    assert isinstance(krum, Krum) and krum.num_malicious_nodes == 2
+    assert set(STRATEGIES) == {v.split(":")[0] for v in ALL}
+    dp = _strategy("fedadam", {1: 0, 2: 1}, grid, **{"train.dp-mode": "server"})
+    assert isinstance(dp.strategy, FedAdam) and dp.strategy.equal_weights
+
+
+def test_replies_are_aggregated_in_partition_order_whatever_their_arrival(grid):
+    strategy = _strategy("fedavg", {7: 1, 5: 0, 9: 2}, grid)
+    replies = [_reply(9, [3.0], 1), _reply(5, [1.0], 1), _reply(7, [2.0], 2)]
+    seen = []
+    strategy.train_metrics_aggr_fn = lambda contents, key: (
+        seen.append([float(c["arrays"]["w"].numpy()[0]) for c in contents]) or MetricRecord({})
+    )
+    strategy.aggregate_train(1, replies)
+    assert seen == [[1.0, 2.0, 3.0]]
+
+
+def test_the_robust_aggregators_resist_one_wild_client(grid):
+    honest = [[1.0, -1.0], [1.1, -0.9], [0.9, -1.1], [1.05, -1.0]]
+
+    def replies() -> list[Message]:
+        wild = _reply(4, [1e3, 1e3], 10)
+        return [_reply(n, w, 10) for n, w in enumerate(honest)] + [wild]
+
+    clients = {n: n for n in range(5)}
+    mean, _ = _strategy("fedavg", clients, grid).aggregate_train(1, replies())
+    assert mean["w"].numpy()[0] > 100
+    for value in ("fedmedian", "fedtrimmedavg:0.2", "krum:1"):
+        arrays, _ = _strategy(value, clients, grid).aggregate_train(1, replies())
+        assert np.abs(arrays["w"].numpy() - [1.0, -1.0]).max() <= 0.11, value
+    assert isinstance(_strategy("fedmedian", clients, grid), FedMedian)
+
+
+def test_merging_with_a_robust_strategy_is_refused_in_one_line(grid):
+    with pytest.raises(FedqcError, match="train.aggregation=merge:ties:0.5 merges adapters"):
+        _strategy("krum:1", {1: 0}, grid, "merge:ties:0.5")
+
+
+def _states(seed: int = 0, n: int = 3) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {"a": torch.randn(4, 6, generator=g), "b": torch.randn(6, 4, generator=g)}
+    clients = []
+    for _ in range(n):
+        clients.append({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+    return base, clients
+
+
+def test_task_arithmetic_with_sample_share_weights_is_fedavgs_mean():
+    base, clients = _states()
+    weights = [10, 30, 60]
+    merged = merge_adapters(base, clients, weights, "task-arithmetic")
+    for key in base:
+        mean = sum(w * c[key] for w, c in zip(weights, clients, strict=True)) / 100
+        torch.testing.assert_close(merged[key], mean, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_keeps_the_largest_entries_that_agree_in_sign():
+    base = {"w": torch.zeros(4)}
+    clients = [
+        {"w": torch.tensor([1.0, -2.0, 0.01, 3.0])},
+        {"w": torch.tensor([3.0, 2.5, 0.02, -1.0])},
+    ]
+    merged = merge_adapters(base, clients, [1, 1], "ties", density=0.5)["w"]
+    # each keeps its 2 largest entries; entry 0: only client 1's 3.0 survives; entry 1: -2 vs
+    # +2.5, the elected sign is +; entry 3: 3.0 vs pruned; entry 2: pruned in both
+    assert merged.tolist() == [3.0, 2.5, 0.0, 3.0]
+    # with density 1 and agreeing signs, ties is the plain mean
+    agree = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}]
+    assert merge_adapters({"w": torch.zeros(2)}, agree, [5, 5], "ties")["w"].tolist() == [2, 3]
+
+
+def test_dare_ties_is_seeded_and_leaves_the_global_rng_alone():
+    base, clients = _states()
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    one = merge_adapters(base, clients, [1, 1, 1], "dare-ties", 0.5, seed=7)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # the global RNG did not move
+    two = merge_adapters(base, clients, [1, 1, 1], "dare-ties", 0.5, seed=7)
+    other = merge_adapters(base, clients, [1, 1, 1], "dare-ties", 0.5, seed=8)
+    assert all(torch.equal(one[k], two[k]) for k in base)
+    assert not all(torch.equal(one[k], other[k]) for k in base)
+
+
+def test_parse_aggregation():
+    assert parse_aggregation("mean") is None
+    assert parse_aggregation("merge:ties:0.3") == ("ties", 0.3)
+    assert parse_aggregation("merge:dare-ties:1") == ("dare-ties", 1.0)
+    assert parse_aggregation("merge:task-arithmetic") == ("task-arithmetic", 1.0)
+
+
+@pytest.mark.parametrize("value", ["fedadam", "fedyogi", "fedadagrad", "fedavgm:0.9"])
+def test_the_server_optimiser_state_survives_a_restart(value, grid):
+    """Two rounds in one strategy give what one round, a restart with the saved state, and one
+    more round give, bit for bit (the checkpoint's part of an exact resume)."""
+    clients = {n: grid.partition[n] for n in grid.get_node_ids()[:3]}
+    rng = np.random.default_rng(0)
+    rounds = [[rng.normal(size=4).tolist() for _ in clients] for _ in range(2)]
+
+    def step(strategy, r, arrays, server_round):
+        list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+        replies = [
+            _reply(n, w, 5 + i) for i, (n, w) in enumerate(zip(clients, rounds[r], strict=True))
+        ]
+        return strategy.aggregate_train(server_round, replies)[0]
+
+    start = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
+    straight = _strategy(value, clients, grid)
+    after_two = step(straight, 1, step(straight, 0, start, 1), 2)
+
+    first = _strategy(value, clients, grid)
+    after_one = step(first, 0, start, 1)
+    saved = optimizer_state(first)
+    assert saved  # the state is not empty
+    resumed = build_strategy(Config.from_flat({"train.strategy": value}), clients, grid, 1)
+    restore_optimizer_state(resumed, saved)
+    again = step(resumed, 1, after_one, 1)  # the resumed strategy's round 1 is the run's round 2
+    assert again["w"].numpy().tobytes() == after_two["w"].numpy().tobytes()
+
+
+def _config(tiny_model_dir, demo_dir, run_dir, **extra) -> Config:
+    return Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.anchors": str(demo_dir / "anchors.jsonl"),
+            "data.eval": str(demo_dir / "eval.jsonl"),
+            "data.num-clients": 2,
+            "quality.scorer": "ppl",
+            "quality.rule": "anchor-quantile:0.2",
+            "train.rounds": 3,
+            "train.local-steps": 2,
+            "train.batch-size": 2,
+            "train.lr": 0.01,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(run_dir),
+            **extra,
+        }
+    )
+
+
+def test_fedadam_with_dare_ties_resumes_to_the_same_adapter_bit_for_bit(
+    tiny_model_dir, demo_dir, tmp_path
+):
+    """FedAdam's moments and DARE's random drops, across a stop after round 1 and a resume."""
+    extra = {
+        "train.strategy": "fedadam:0.01",
+        "train.aggregation": "merge:dare-ties:0.5",
+        "federation.min-nodes": 2,
+    }
+    straight = _config(tiny_model_dir, demo_dir, tmp_path / "straight", **extra)
+    run_server(LocalGrid(build_client_app(straight), 2), straight, QuietStages())
+
+    cfg = _config(tiny_model_dir, demo_dir, tmp_path / "stopped", **extra)
+    dying = LocalGrid(build_client_app(cfg), 2, dies={1: ("train", 2)})
+    with pytest.raises(FedqcError, match="round 2: only 1 of 2 nodes answered"):
+        run_server(dying, cfg, QuietStages())
+    state, _ = load_checkpoint(tmp_path / "stopped")
+    assert state["round"] == 1 and state["optimizer"] == "optimizer-round-1.npz"
+    resumed = cfg.replace(**{"output.resume": True})
+    run_server(LocalGrid(build_client_app(resumed), 2), resumed, QuietStages())
+
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    initial = load_checkpoint(tmp_path / "straight")[1]
+    assert initial  # the checkpoint holds the final round's adapter
+    fedavg = _config(tiny_model_dir, demo_dir, tmp_path / "fedavg")
+    run_server(LocalGrid(build_client_app(fedavg), 2), fedavg, QuietStages())
+    c = load_file(tmp_path / "fedavg" / "adapter" / "adapter_model.safetensors")
+    assert any(a[k].tobytes() != c[k].tobytes() for k in a)  # the options changed the training
+
+
+def test_fedprox_keeps_the_local_weights_near_the_global_ones(tiny_model_dir, demo_dir):
+    loaded = load(ModelConfig(name=str(tiny_model_dir), max_length=64))
+    encoded = encode_all(
+        loaded.tokenizer, load_samples(demo_dir / "clients" / "client-0.jsonl"), 64
+    )
+    start = {k: v.clone() for k, v in get_adapter_state(loaded.model).items()}
+
+    def drift(mu: float) -> float:
+        set_adapter_state(loaded.model, start)
+        train_steps(loaded.model, encoded, loaded.tokenizer.pad_token_id, 6, 2, 0.05, seed=1,
+                    proximal_mu=mu)  # fmt: skip
+        now = get_adapter_state(loaded.model)
+        return sum(float(((now[k] - start[k]) ** 2).sum()) for k in start)
+
+    free, held = drift(0.0), drift(1e4)
+    assert free > 0 and held < 0.5 * free
