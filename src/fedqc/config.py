@@ -70,6 +70,10 @@ class QualityConfig:
     # so the model knows the answer format (fedqc.scoring.shots); 0, or a run without anchors,
     # scores zero-shot.
     shots: int = 2
+    # FedDQC's easy→hard training (fedqc.quality.curriculum): "off", or "stages:K" (the kept
+    # samples in K stages of the rounds, best first, re-scored by the global adapter at each
+    # stage), or "stages:K:once" (ranked by the quality round's scores)
+    curriculum: str = "off"
 
 
 @dataclass
@@ -140,6 +144,7 @@ PATTERNS = {
         "fedyogi[:ETA], fedadagrad[:ETA], fedmedian, fedtrimmedavg:BETA (0 ≤ BETA < 0.5) or "
         "krum:F (F = 0, 1, 2, ...)",
     ),
+    "quality.curriculum": (r"off|stages:[1-9]\d*(:once)?", "off, stages:K or stages:K:once"),
     "train.aggregation": (
         r"mean|merge:task-arithmetic|merge:(ties|dare-ties):(0?\.\d*[1-9]\d*|1(\.0*)?)",
         "mean, merge:ties:DENSITY, merge:dare-ties:DENSITY (0 < DENSITY ≤ 1) or "

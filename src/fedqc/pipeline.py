@@ -36,12 +36,14 @@ def check_inputs(cfg: Config) -> None:
 
     from fedqc.federation.strategy import check_strategy
     from fedqc.models.loading import load
+    from fedqc.quality.curriculum import check_curriculum
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
     from fedqc.scoring.shots import require_anchors
 
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     check_strategy(cfg)
+    check_curriculum(cfg.quality.curriculum, cfg.train.rounds, is_checkpoint_scorer(scorer.name))
     d = cfg.data
     if d.federation and d.federation not in DEMOS:
         raise FedqcError(

@@ -55,6 +55,7 @@ from fedqc.federation.secure_sum import (
 )
 from fedqc.federation.warmup import client_scores, save_moments, warmup_seed
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
+from fedqc.quality.curriculum import is_stage_start, parse_curriculum, pick, stage_of
 from fedqc.quality.mixture import histogram
 from fedqc.quality.selection import select
 from fedqc.scoring.gradient import moments_from_optimizer
@@ -174,22 +175,21 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     loaded = _model(cfg, msg.content["arrays"])
     name, batch_tokens = str(qc["scorer"]), int(qc["batch-tokens"])
     start = time.perf_counter()
+    calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else []
+    demonstrations = [int(t) for t in qc["prefix"]] if "prefix" in qc else []  # shots > 0
     if is_checkpoint_scorer(name):
         scores = client_scores(msg.content, context, loaded, samples, out_dir, batch_tokens)
     else:
-        calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else None
-        scorer = get_scorer(name, calibration)
-        demonstrations = [int(t) for t in qc["prefix"]] if "prefix" in qc else []  # shots > 0
-        scores = score_samples(
-            loaded,
-            samples,
-            scorer,
-            cfg.model.max_length,
-            batch_tokens,
-            prefixes=[demonstrations] * len(samples),
+        scores = _forward_scores(
+            loaded, samples, name, calibration, demonstrations, cfg.model.max_length, batch_tokens
         )
     context.state[SCORES_KEY] = ConfigRecord(
         {
+            # the scorer's settings, for quality.curriculum's re-scoring at each stage
+            "calibration": calibration,
+            "prefix": demonstrations,
+            "batch-tokens": batch_tokens,
+            "max-length": cfg.model.max_length,
             "oriented": np.asarray(scores.oriented, dtype=np.float64).tobytes(),
             "raw": np.asarray(scores.raw, dtype=np.float64).tobytes(),
             "truncated": int(scores.truncated),
@@ -204,6 +204,26 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     if edges is not None:
         return _histogram_reply(context, cfg, edges)
     return _select(context, cfg, float(qc["tau"]), float(qc["drop-fraction"]), samples)
+
+
+def _forward_scores(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    name: str,
+    calibration: list[float],
+    demonstrations: list[int],
+    max_length: int,
+    batch_tokens: int,
+):
+    """Scores of a forward scorer, with the server's calibration and demonstrations."""
+    return score_samples(
+        loaded,
+        samples,
+        get_scorer(name, calibration or None),
+        max_length,
+        batch_tokens,
+        prefixes=[demonstrations] * len(samples),
+    )
 
 
 def handle_select(msg: Message, context: Context, cfg: Config) -> RecordDict:
@@ -300,12 +320,16 @@ def _release(context: Context, epsilon: float, counts: dict[str, int]) -> dict[s
     return {k: int(released[k]) for k in counts}
 
 
-def _kept_samples(context: Context) -> list[Sample]:
+def _kept_mask(context: Context) -> np.ndarray:
     if STATE_KEY not in context.state:
         raise RuntimeError("train/evaluate before the quality query round: nothing selected yet")
     state = context.state[STATE_KEY]
-    samples = load_samples(str(state["data"]))
-    keep = np.unpackbits(np.frombuffer(state["keep"], dtype=np.uint8))[: int(state["n"])]
+    return np.unpackbits(np.frombuffer(state["keep"], dtype=np.uint8))[: int(state["n"])] > 0
+
+
+def _kept_samples(context: Context) -> list[Sample]:
+    keep = _kept_mask(context)
+    samples = load_samples(str(context.state[STATE_KEY]["data"]))
     return [s for s, k in zip(samples, keep, strict=True) if k]
 
 
@@ -334,10 +358,16 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
     else:
         samples = _kept_samples(context)
         out_dir, weight = Path(str(context.state[STATE_KEY]["out"])), _reported_kept(context)
+    loaded = _model(cfg, msg.content["arrays"])
+    curriculum = None if warmup else parse_curriculum(str(tc.get("curriculum", "off")))
+    if curriculum is not None:  # this round's stage of the kept samples
+        rounds = int(tc["total-rounds"])
+        samples = _stage_samples(
+            context, loaded, samples, out_dir, absolute_round, rounds, *curriculum
+        )
     journal = out_dir / "train.jsonl"
     phase = {"phase": "warmup"} if warmup else {}
     _journal(journal, {"round": absolute_round, **phase, "event": "start", "kept": len(samples)})
-    loaded = _model(cfg, msg.content["arrays"])
     loss, start = 0.0, time.perf_counter()
     lr = round_lr(
         float(tc["lr"]),
@@ -372,6 +402,55 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
         metrics["train-seconds"] = seconds
     arrays = ArrayRecord(get_adapter_state(loaded.model))
     return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+
+
+def _stage_samples(
+    context: Context,
+    loaded: LoadedModel,
+    kept: list[Sample],
+    out_dir: Path,
+    absolute_round: int,
+    rounds: int,
+    stages: int,
+    once: bool,
+) -> list[Sample]:
+    """quality.curriculum: the kept samples of this round's stage (fedqc.quality.curriculum).
+
+    At a stage's first round the client ranks its remaining kept samples (re-scored by the global
+    adapter ``loaded`` holds, or by the quality round's scores under ``once``) and writes its pick
+    to its own ``curriculum.json``; the stage's other rounds, and a resumed run, read it back.
+    Nothing about the pick leaves the node: the reply holds the adapter and the kept count, as
+    without a curriculum.
+    """
+    path = out_dir / "curriculum.json"
+    stage = stage_of(absolute_round, rounds, stages)
+    picks = json.loads(path.read_text()) if path.is_file() else {}
+    if is_stage_start(absolute_round, rounds, stages) or str(stage) not in picks:
+        picks = {k: v for k, v in picks.items() if int(k) < stage}  # a stale later pick goes
+        trained = {i for v in picks.values() for i in v}
+        remaining = [i for i in range(len(kept)) if i not in trained]
+        cache, oriented, _ = _cached_scores(context)
+        if once:
+            keep = _kept_mask(context)
+            scores = oriented[keep]
+        elif remaining:
+            scores = np.full(len(kept), np.nan)
+            rescored = _forward_scores(
+                loaded,
+                [kept[i] for i in remaining],
+                str(cache["scorer"]),
+                [float(x) for x in cache["calibration"]],
+                [int(t) for t in cache["prefix"]],
+                int(cache["max-length"]),
+                int(cache["batch-tokens"]),
+            )
+            scores[remaining] = rescored.oriented
+        else:
+            scores = np.array([])
+        picks[str(stage)] = pick(scores, remaining, stage, stages)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(picks) + "\n")
+    return [kept[i] for i in picks[str(stage)]]
 
 
 def _journal(path: Path, entry: dict) -> None:

@@ -102,6 +102,8 @@ EVALUATE_METRICS = ("num-examples", "eval-loss")
 # absolute round, which seeds its batches and sets its learning rate, is server-round + offset.
 # In warm-up rounds ``total-rounds`` is quality.warmup-rounds. Flower's FedProx adds
 # ``proximal-mu`` (train.strategy=fedprox:MU), the weight of the proximal term in local training.
+# ``curriculum`` is quality.curriculum: each client picks its stage's samples itself
+# (fedqc.quality.curriculum); the reply's keys stay the same.
 TRAIN_CONFIG = (
     "local-steps",
     "batch-size",
@@ -113,6 +115,7 @@ TRAIN_CONFIG = (
     "round-offset",
     "total-rounds",
     "proximal-mu",
+    "curriculum",
 )
 
 # The only reasons an error reply from a node may carry: the guard (fedqc.federation.privacy)

@@ -539,6 +539,7 @@ def _train(
             "max-length": cfg.model.max_length,
             "round-offset": offset,
             "total-rounds": cfg.train.rounds,
+            "curriculum": cfg.quality.curriculum,
         }
     )
     grid.min_answers = {"train": min(cfg.federation.min_nodes, max(1, len(clients)))}
