@@ -310,6 +310,13 @@ def test_profile_then_file_then_set(tmp_path):
         (["bench.scorers=ensemble:ppl"], "two or more different scorers"),
         (["data.num-anchors=5", "bench.rules=anchor-conformal:0.1"], "needs at least 9 anchors"),
         (["data.num-anchors=1", "bench.rules=mixture"], "mixture needs"),
+        (["bench.fl-arms=train.strategy=sgd"], "'train.strategy' must be one of"),
+        (["bench.fl-arms=train.strategy"], "is not key=value"),
+        (["bench.fl-arms=quality.curriculum=stages:4"], "needs train.rounds ≥ 4"),
+        (
+            ["bench.fl-arms=train.strategy=krum:1 & train.aggregation=merge:ties:0.5"],
+            "merges adapters",
+        ),
     ],
 )
 def test_config_errors(overrides, message):
@@ -429,6 +436,7 @@ def bench_run(tmp_path_factory, tiny_model_dir):
             "bench.em-questions=2",
             "bench.max-new-tokens=4",
             "bench.train=best",
+            "bench.fl-arms=train.strategy=fedadam:0.1",
         ],
     )
     result = run_bench(cfg, bench, run_dir, command="fedqc bench (test)")
@@ -472,14 +480,17 @@ def test_bench_trains_the_best_arm_through_flower(bench_run):
     run_dir, result = bench_run
     train = {r["arm"]: r for r in result["train"]}
     best = max((r for r in result["main"] if r["kind"] == "qc"), key=lambda r: r["f1"])["arm"]
-    assert set(train) == {"base (no training)", best}
+    adam = f"{best} + train.strategy=fedadam:0.1"  # bench.fl-arms: same selection, FedAdam
+    assert set(train) == {"base (no training)", best, adam}
+    assert train[adam]["trained_samples"] == train[best]["trained_samples"]
+    assert train[adam]["eval_loss"] != train[best]["eval_loss"]
     assert train[best]["rounds"] == 1 and math.isfinite(train[best]["eval_loss"])
     assert train[best]["trained_samples"] == next(
         r["kept"] for r in result["main"] if r["arm"] == best
     )
     assert 0.0 <= train[best]["exact_match"] <= 1.0
     generations = (run_dir / "generations.jsonl").read_text().splitlines()
-    assert len(generations) == 2 * 2  # base and the trained arm, 2 questions each
+    assert len(generations) == 3 * 2  # base and the two trained arms, 2 questions each
     assert json.loads(generations[0])["arm"] == "base"
 
 

@@ -167,6 +167,11 @@ def finished(federation):
         "train.rounds": 2,
         "train.local-steps": 20,
         "train.batch-size": 2,
+        # not the defaults, to run them on a real SuperLink too: a stateful Flower strategy,
+        # adapter merging and the curriculum's per-stage picks on each site
+        "train.strategy": "fedadam",
+        "train.aggregation": "merge:ties:0.5",
+        "quality.curriculum": "stages:2",
         "federation.min-nodes": 1,
         "federation.join-timeout": 120.0,
         "federation.timeout": 600.0,
@@ -229,6 +234,12 @@ def test_flwr_run_on_a_superlink_with_two_supernodes_completes(federation, finis
         assert len(scores) == 12 and all("score" in json.loads(line) for line in scores)
     assert not (out / "clients").exists()
     assert not list(out.rglob("scores.jsonl"))
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["strategy"]["name"] == "QualityFedAdam"
+    assert (out / "checkpoint" / state["optimizer"]).is_file()  # FedAdam's moments
+    picks = json.loads((federation["sites"][0] / "fedqc" / "curriculum.json").read_text())
+    assert sorted(picks) == ["0", "1"] and not set(picks["0"]) & set(picks["1"])
+    assert not list(out.rglob("curriculum.json"))  # the picks stay on the site
 
 
 def test_each_site_logs_what_it_sent_and_that_is_counts_and_adapter_only(federation, finished):

@@ -66,6 +66,12 @@ class BenchConfig:
     # Training arms: names, or mixed / oracle / default (`fedqc run`'s default scorer and rule) /
     # best (the QC arm with the best selection F1, picked with the ground truth) / all / none.
     train: str = "mixed,oracle,default"
+    # Federated-learning arms: each trained arm again under other training settings, separated by
+    # ";", each one or more run-config overrides joined by "&", e.g.
+    # "train.strategy=fedprox:0.01; train.aggregation=merge:ties:0.5; quality.curriculum=stages:3"
+    # (named "<arm> + <overrides>"). In the bench the curriculum ranks by ppl: an arm's run scores
+    # its upfront selection with ppl.
+    fl_arms: str = ""
     em_questions: int = 20  # held-out questions for greedy-generation exact match (0: off)
     max_new_tokens: int = 160
     source: str = ""  # a file of clean samples instead of GSM8K (any fedqc schema)
@@ -170,6 +176,26 @@ class BenchConfig:
             raise FedqcError("bench: anchor-repeats, max-new-tokens ≥ 1 and em-questions ≥ 0")
         if cfg.data.num_clients < 1 or cfg.data.samples_per_client < 1:
             raise FedqcError("data.num-clients and data.samples-per-client must be ≥ 1")
+        self.fl_arm_list(cfg)
+
+    def fl_arm_list(self, cfg: Config) -> list[tuple[str, dict[str, str]]]:
+        """(name, run-config overrides) of each bench.fl-arms entry, checked against ``cfg``."""
+        from fedqc.federation.strategy import check_strategy
+        from fedqc.quality.curriculum import check_curriculum
+
+        arms = []
+        for entry in (e.strip() for e in self.fl_arms.split(";") if e.strip()):
+            overrides = {}
+            for item in (i.strip() for i in entry.split("&")):
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise FedqcError(f"bench.fl-arms: '{item}' is not key=value")
+                overrides[key.strip()] = value.strip()
+            arm_cfg = cfg.replace(**overrides)  # one line on an unknown key or a bad value
+            check_strategy(arm_cfg)
+            check_curriculum(arm_cfg.quality.curriculum, arm_cfg.train.rounds, False)
+            arms.append((" & ".join(f"{k}={v}" for k, v in overrides.items()), overrides))
+        return arms
 
     # --- reading and writing --------------------------------------------------------------------
 

@@ -228,6 +228,16 @@ def _train_arms(
             run_dir / "train" / arm_folder(arm.name),
             stages,
         )
+        for i, (name, overrides) in enumerate(bench.fl_arm_list(cfg), start=1):
+            stages.stage(f"training arm {arm.name} + {name}")
+            trained[f"{arm.name} + {name}"] = train_arm(
+                cfg.replace(**overrides),
+                clients,
+                outcomes[arm.name].keep,
+                run_dir / "data" / "eval.jsonl",
+                run_dir / "train" / f"{arm_folder(arm.name)}+fl{i}",
+                stages,
+            )
     return trained
 
 
@@ -276,7 +286,7 @@ def _train_rows(arms: list[Arm], trained: dict, em: dict) -> dict[str, dict]:
         final = t["history"][-1] if t["history"] else {}
         rows[name] = {
             "arm": name,
-            "kind": kinds[name],
+            "kind": kinds[name.split(" + ")[0]],  # a bench.fl-arms arm: its selection's kind
             "trained_samples": int(sum(t["kept"])),
             "clients_training": int(sum(k > 0 for k in t["kept"])),
             "rounds": final.get("round", 0),
