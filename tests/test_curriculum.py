@@ -141,3 +141,28 @@ def test_a_curriculum_run_resumes_across_a_stage_boundary_to_the_same_adapter(
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_a_checkpoint_scorer_run_follows_the_upfront_ranking(tiny_model_dir, demo_dir, tmp_path):
+    """stages:K:once with tracin: the ranking comes from the scores at the warm-up checkpoints."""
+    run_dir = tmp_path / "run"
+    cfg = _config(
+        tiny_model_dir,
+        demo_dir,
+        run_dir,
+        **{
+            "quality.scorer": "tracin",
+            "quality.warmup-rounds": 1,
+            "quality.curriculum": "stages:2:once",
+            "train.rounds": 2,
+            "train.local-steps": 1,
+        },
+    )
+    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    folder = run_dir / "clients" / "client-0"
+    picks = json.loads((folder / "curriculum.json").read_text())
+    rows = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    scores = [r["score"] for r in rows if r["keep"]]  # tracin: higher is better
+    n = len(scores)
+    assert sorted(picks["0"] + picks["1"]) == list(range(n))
+    assert picks["0"] == sorted(sorted(range(n), key=lambda i: (-scores[i], i))[: n // 2])
