@@ -30,6 +30,13 @@ def bench(
     out: Annotated[
         str | None, typer.Option(help="Run directory (default runs/bench-<time>).")
     ] = None,
+    draws: Annotated[
+        int | None,
+        typer.Option(
+            help="Only the anchor rules over N random anchor draws: selection F1 and the share "
+            "of clean samples rejected, zero-shot and with quality.shots (no training)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
 ) -> None:
@@ -46,11 +53,23 @@ def bench(
     profile = "quick" if quick else "full" if full else None
     cfg, options = load_bench_config(config, set_, profile)
     options.check(cfg)
+    if draws is not None:
+        if draws < 1:
+            raise FedqcError(f"--draws {draws}: give a number of anchor draws ≥ 1, e.g. --draws 40")
+        options.check_plans(cfg.quality.shots, cfg.data.num_anchors)
     run_dir = new_run_dir(out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}", force)
     _setup_logging(verbose, run_dir / "fedqc.log")
     with console.status("preparing the model (the first run converts SmolLM2 once)"):
         resolve(cfg.model.name)
     command = "fedqc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if draws is not None:
+        from fedqc.bench.draws import run_draws
+
+        with _progress() as progress:
+            text = run_draws(cfg, options, run_dir, draws, _ProgressStages(progress), command)
+        console.print(text, markup=False, highlight=False)
+        console.print(f"[bold]outputs:[/] {run_dir}/results.md, results.csv")
+        return
     with _progress() as progress:
         result = run_bench(cfg, options, run_dir, _ProgressStages(progress), command)
     _print(result, console)

@@ -75,6 +75,11 @@ class BenchConfig:
     em_questions: int = 20  # held-out questions for greedy-generation exact match (0: off)
     max_new_tokens: int = 160
     source: str = ""  # a file of clean samples instead of GSM8K (any fedqc schema)
+    # `fedqc bench --draws N` (fedqc.bench.draws): which anchors calibrate the ensemble and set τ
+    # (drawn, run, split:C), and the seed of the draws (the pool's seed stays data.seed).
+    draw_plans: str = "drawn,run,split:2"
+    draw_seed: int = 0
+    reuse_losses: str = ""  # a previous --draws run directory of the same pool: no re-scoring
 
     # --- parsed views -------------------------------------------------------------------------
 
@@ -97,6 +102,28 @@ class BenchConfig:
     @property
     def rule_list(self) -> list[Rule]:
         return [parse_rule(r) for r in self.list_of("rules")]
+
+    @property
+    def plan_list(self) -> list[str]:
+        return self.list_of("draw_plans")
+
+    def check_plans(self, shots: int, num_anchors: int) -> None:
+        """Every draw plan parses; a split leaves the demonstrations out of τ and keeps two anchors
+        on each side."""
+        for plan in self.plan_list:
+            if plan in ("drawn", "run"):
+                continue
+            kind, _, size = plan.partition(":")
+            if kind != "split" or not size.isdigit():
+                raise FedqcError(
+                    f"bench.draw-plans: unknown plan '{plan}'; use drawn, run or split:C "
+                    "(C anchors calibrate the ensemble, the others set τ)"
+                )
+            if not max(2, shots) <= int(size) <= num_anchors - 2:
+                raise FedqcError(
+                    f"bench.draw-plans: '{plan}' needs max(2, quality.shots = {shots}) ≤ C ≤ "
+                    f"data.num-anchors − 2 = {num_anchors - 2}"
+                )
 
     @property
     def contamination_list(self) -> list[float]:

@@ -107,7 +107,9 @@ class ForwardScores:
         self._losses, self._anchor_losses = losses, anchor_losses
         self._cache: dict[tuple[int, ...] | None, tuple] = {}
 
-    def _scored(self, anchors: np.ndarray):
+    def scored(self, anchors: np.ndarray):
+        """(scorer, oriented pool scores, oriented scores of every anchor); an ensemble is
+        calibrated on ``anchors``."""
         key = anchor_key(anchors) if is_ensemble(self.name) else None
         if key not in self._cache:
             scorer = get_scorer(self.name)
@@ -128,17 +130,17 @@ class ForwardScores:
         return self._cache[key]
 
     def scorer(self, anchors: np.ndarray):
-        return self._scored(anchors)[0]
+        return self.scored(anchors)[0]
 
     def client_scores(self, fed: Federation, anchors: np.ndarray) -> list[np.ndarray]:
-        pool = self._scored(anchors)[1]
+        pool = self.scored(anchors)[1]
         return [pool[e] for e in fed.entries]
 
     def anchor_scores(self, anchors: np.ndarray) -> np.ndarray:
-        return self._scored(anchors)[2][anchors]
+        return self.scored(anchors)[2][anchors]
 
     def pool_raw(self, anchors: np.ndarray) -> np.ndarray:
-        scorer, pool, _ = self._scored(anchors)
+        scorer, pool, _ = self.scored(anchors)
         return scorer.raw(pool)
 
     def note(self, fed: Federation, anchors: np.ndarray) -> str:

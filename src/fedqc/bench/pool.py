@@ -25,6 +25,7 @@ from fedqc.errors import FedqcError
 from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
 from fedqc.scoring.scorers import get_scorer
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
 
 
 @dataclass
@@ -144,3 +145,38 @@ def score_losses(
         np.array([e.truncated for e in cond], dtype=bool),
         ends,
     )
+
+
+def score_pool(
+    loaded: LoadedModel, cfg: Config, data: BenchData, shots: int, stages
+) -> tuple[Losses, Losses]:
+    """The losses of every pool entry and of every anchor, scored with ``shots`` demonstrations:
+    the first ``shots`` anchors before every pool entry; each of them scored with the next anchor
+    in its own place (as the server scores its anchors)."""
+    entries = data.entries()
+    max_length, batch_tokens = cfg.model.max_length, cfg.quality.batch_tokens
+    encoded_anchors = encode_all(loaded.tokenizer, data.anchors, max_length)
+    warn_if_cut(encoded_anchors, shots, max_length)
+    demos = demonstrations(encoded_anchors, shots)
+    stages.stage(
+        f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r), {shots} shots",
+        2 * len(entries),
+    )
+    losses = score_losses(
+        loaded,
+        [data.sample(Member(i, k)) for i, k in entries],
+        max_length,
+        batch_tokens,
+        stages.advance,
+        [demos] * len(entries),
+    )
+    stages.stage(f"scoring {len(data.anchors)} anchors, {shots} shots", 2 * len(data.anchors))
+    anchor_losses = score_losses(
+        loaded,
+        data.anchors,
+        max_length,
+        batch_tokens,
+        stages.advance,
+        anchor_prefixes(encoded_anchors, shots),
+    )
+    return losses, anchor_losses

@@ -23,16 +23,14 @@ from fedqc.bench.experiment import (
     make_federation,
 )
 from fedqc.bench.generation import exact_match, final_number, generate
-from fedqc.bench.pool import BenchData, score_losses, split_data
+from fedqc.bench.pool import BenchData, score_pool, split_data
 from fedqc.bench.publish import publish
 from fedqc.bench.train import arm_folder, load_adapter, train_arm, write_samples
 from fedqc.config import Config, QualityConfig
-from fedqc.data.encoding import encode_all
-from fedqc.data.partition import Member, parse_partition
+from fedqc.data.partition import parse_partition
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, batch_tokens_for
-from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
 
 log = logging.getLogger("fedqc.bench")
 
@@ -64,31 +62,7 @@ def run_bench(
 
     loaded = load(cfg.model)
     entries = data.entries()
-    shots = cfg.quality.shots
-    encoded_anchors = encode_all(loaded.tokenizer, data.anchors, cfg.model.max_length)
-    warn_if_cut(encoded_anchors, shots, cfg.model.max_length)
-    demos = demonstrations(encoded_anchors, shots)
-    stages.stage(
-        f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r), {shots} shots",
-        2 * len(entries),
-    )
-    losses = score_losses(
-        loaded,
-        [data.sample(Member(i, k)) for i, k in entries],
-        cfg.model.max_length,
-        cfg.quality.batch_tokens,
-        stages.advance,
-        [demos] * len(entries),
-    )
-    stages.stage(f"scoring {len(data.anchors)} anchors", 2 * len(data.anchors))
-    anchor_losses = score_losses(
-        loaded,
-        data.anchors,
-        cfg.model.max_length,
-        cfg.quality.batch_tokens,
-        stages.advance,
-        anchor_prefixes(encoded_anchors, shots),
-    )
+    losses, anchor_losses = score_pool(loaded, cfg, data, cfg.quality.shots, stages)
     timing = {"scoring": time.perf_counter() - start}
     main_anchors = np.arange(d.num_anchors)
     sources = {
