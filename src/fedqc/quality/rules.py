@@ -6,7 +6,10 @@
 - ``drop-fraction:P``: no global τ; each client drops its lowest-scoring fraction P (a baseline).
 - ``anchor-conformal:α``: τ = the ⌊α(n+1)⌋-th smallest of the n anchor scores. If a clean sample
   is exchangeable with the anchors (drawn from the same distribution, scored by the same model),
-  it falls below τ — and is rejected — with probability at most α. α < 1/(n+1) is refused.
+  it falls below τ — and is rejected — with probability at most α, on average over anchor draws.
+  That needs a score function fixed before the anchors are seen: an ensemble standardised on the
+  same anchors, or demonstration anchors scored with another prefix, make it approximate
+  (``fedqc bench --draws`` measures by how much). α < 1/(n+1) is refused.
 - ``anchor-gaussian:α``: τ = m − t(1−α; n−1) · s · √(1 + 1/n), the one-sided 1−α lower prediction
   bound of a normal sample (m, s: the n anchor scores' mean and standard deviation; t: Student's t
   quantile). If the anchors' and clean samples' scores are independent draws of one normal
@@ -143,15 +146,20 @@ def guarantee(rule: Rule, anchor_oriented: np.ndarray | None) -> str:
     a = rule.value
     scores = np.asarray(anchor_oriented if anchor_oriented is not None else [], dtype=np.float64)
     n_anchors = int(np.isfinite(scores).sum())
+    caveat = (
+        "; on average over anchor draws, and approximate when the score depends on these anchors "
+        "(an ensemble standardised on them, demonstrations among them: fedqc run's default); "
+        "measured in docs/choosing.md"
+    )
     if rule.kind == "anchor-conformal":
         return (
             f"a clean sample exchangeable with the {n_anchors} anchors (same distribution, same "
-            f"model) is rejected with probability at most {a:g}"
+            f"model) is rejected with probability at most {a:g}" + caveat
         )
     if rule.kind == "anchor-gaussian":
         return (
             f"if the {n_anchors} anchors' and the clean samples' scores are independent draws of "
-            f"one normal distribution, a clean sample is rejected with probability {a:g}"
+            f"one normal distribution, a clean sample is rejected with probability {a:g}" + caveat
         )
     if rule.kind == "anchor-quantile":
         return f"about {a:g} of clean samples that look like the anchors are rejected (no bound)"
