@@ -16,8 +16,8 @@ plan says which anchors calibrate the ensemble and which set τ:
 
 - ``drawn``: the n drawn anchors do both; the demonstrations are further anchors, in no draw.
 - ``run``: as `fedqc run` does: the n anchors are the demonstrations and the first n − shots drawn
-  ones (each demonstration scored with the next anchor in its own place); all n calibrate the
-  ensemble and set τ.
+  ones (each demonstration scored with the next anchor in its own place: here anchor ``shots``,
+  fixed, where `fedqc run` would take the first drawn one); all n calibrate the ensemble and set τ.
 - ``split:C``: the same n anchors as ``run``; the first C of them (the demonstrations first)
   calibrate the ensemble and the other n − C set τ. No τ anchor then shapes the score function or
   sees another prefix than the clients' samples do.
@@ -251,8 +251,11 @@ def tables(summary: Sequence[dict], feds: Sequence[Federation]) -> str:
         + "\n## Clean samples rejected, against the promise\n\n"
         + "The share of the pool's clean items below τ, per draw; its mean over the draws is what "
         "`anchor-conformal:A` and `anchor-gaussian:A` promise to hold to A. The standard error is "
-        "over the draws only: the clean items are the same in every draw.\n\n"
-        + markdown_table(cover_rows, cover_columns)
+        "over the draws only: every draw takes its anchors from the same anchor set and is "
+        "measured on the same clean items, which adds an error it does not show. A scorer that "
+        "does not depend on the anchors (no ensemble) under the `drawn` plan is the control: "
+        "there the conformal promise is exact in theory, so its distance from ⌊A(n+1)⌋/(n+1) "
+        "shows that error.\n\n" + markdown_table(cover_rows, cover_columns)
     )
 
 
