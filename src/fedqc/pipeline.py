@@ -34,12 +34,13 @@ def check_inputs(cfg: Config) -> None:
     """Stop with one clear line on a bad scorer, rule, model or data file (writes nothing)."""
     import torch
 
+    from fedqc.data.encoding import encode_all
     from fedqc.federation.strategy import check_strategy
     from fedqc.models.loading import load
     from fedqc.quality.curriculum import check_curriculum
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
-    from fedqc.scoring.shots import require_anchors
+    from fedqc.scoring.shots import demonstration_anchors, require_anchors
 
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     check_strategy(cfg)
@@ -86,8 +87,11 @@ def check_inputs(cfg: Config) -> None:
             f"federation.client-gpus = {cfg.federation.client_gpus}, but torch "
             f"{torch.__version__} sees no CUDA GPU here; set it to 0 (clients on the CPU)"
         )
-    load(cfg.model)  # a model that does not exist, does not take the LoRA targets, or a device
-    # or dtype (model.device, model.dtype) this machine does not have
+    loaded = load(cfg.model)  # a model that does not exist, does not take the LoRA targets, or a
+    # device or dtype (model.device, model.dtype) this machine does not have
+    if not is_checkpoint_scorer(scorer.name) and cfg.quality.shots and d.anchors:
+        encoded = encode_all(loaded.tokenizer, load_samples(d.anchors), cfg.model.max_length)
+        demonstration_anchors(encoded, cfg.quality.shots, leave_one_out=rule.needs_anchors)
 
 
 def client_files(clients: Path) -> list[Path]:

@@ -25,7 +25,7 @@ from fedqc.errors import FedqcError
 from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
 from fedqc.scoring.scorers import get_scorer
-from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, log_demonstrations
 
 
 @dataclass
@@ -156,7 +156,7 @@ def score_pool(
     entries = data.entries()
     max_length, batch_tokens = cfg.model.max_length, cfg.quality.batch_tokens
     encoded_anchors = encode_all(loaded.tokenizer, data.anchors, max_length)
-    warn_if_cut(encoded_anchors, shots, max_length)
+    log_demonstrations(encoded_anchors, shots, max_length)
     demos = demonstrations(encoded_anchors, shots)
     stages.stage(
         f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r), {shots} shots",

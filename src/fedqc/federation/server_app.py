@@ -66,7 +66,7 @@ from fedqc.scoring.scorers import (
     is_checkpoint_scorer,
     score_samples,
 )
-from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, log_demonstrations
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def _few_shot(cfg: Config, checkpoints) -> int:
 def _encoded_anchors(cfg: Config, loaded, anchors: list, shots: int) -> list:
     """The anchors encoded for scoring and as demonstrations."""
     encoded = encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
-    warn_if_cut(encoded, shots, cfg.model.max_length)
+    log_demonstrations(encoded, shots, cfg.model.max_length)
     return encoded
 
 

@@ -6,9 +6,18 @@ format before it reads a sample. On the demo's GSM8K pool (SmolLM2-135M) the cle
 end-of-sequence NLL falls from a median of 5.45 nats zero-shot to 0.02 with 2 shots, so end-loss
 tells a cut answer from a whole one almost perfectly (AUC 0.987 → 1.000).
 
+The demonstrations are the first K anchors that **fit whole**: an anchor fits when its whole
+encoding (prompt, response and end of sequence) is at most ``model.max-length`` tokens, i.e. when
+:func:`fedqc.data.encoding.encode` did not cut it. A cut anchor is passed over, never shown
+without its end. The prefix does not take room from the scored sample: each sample keeps its own
+``model.max-length`` budget, so a forward pass holds at most (K + 1) · ``model.max-length`` tokens,
+and the scorer refuses, in one line, a prefix and sample longer than the model's positions.
+
 The demonstrations are the server's anchors, never a client's data: clients get their token ids
-with the query. An anchor among the demonstrations is scored with the next anchor in its place, so
-no sample ever sees itself in context.
+with the query. An anchor among the demonstrations is scored with the next anchor that fits whole
+in its place, so no sample ever sees itself in context. The server, the clients (through the
+query's prefix), ``fedqc score`` and the bench all take them from :func:`demonstrations` and
+:func:`anchor_prefixes`.
 """
 
 from __future__ import annotations
@@ -33,30 +42,54 @@ def require_anchors(count: int, shots: int, leave_one_out: bool) -> None:
         )
 
 
+def demonstration_anchors(anchors: Sequence[Encoded], shots: int, leave_one_out: bool) -> list[int]:
+    """Positions of the first ``shots`` anchors that fit whole (one more with ``leave_one_out``:
+    the one that takes the place of a demonstration scored itself)."""
+    require_anchors(len(anchors), shots, leave_one_out)
+    need = shots + leave_one_out
+    whole = [j for j, a in enumerate(anchors) if not a.truncated][:need]
+    if len(whole) < need:
+        raise FedqcError(
+            f"quality.shots = {shots} needs {need} anchors that fit whole in model.max-length "
+            f"(prompt, response and end of sequence), but only {len(whole)} of the "
+            f"{len(anchors)} anchors do; raise model.max-length, lower quality.shots or add "
+            "shorter anchors"
+        )
+    return whole
+
+
 def demonstrations(
     anchors: Sequence[Encoded], shots: int, skip: int | None = None
 ) -> tuple[int, ...]:
-    """The token ids of the first ``shots`` anchors, in order, leaving out anchor ``skip``."""
-    require_anchors(len(anchors), shots, skip is not None)
-    chosen = [a for j, a in enumerate(anchors) if j != skip][:shots]
-    return tuple(t for a in chosen for t in a.input_ids)
+    """The token ids of the first ``shots`` anchors that fit whole, in order, leaving out anchor
+    ``skip``."""
+    chosen = demonstration_anchors(anchors, shots, skip is not None)
+    chosen = [j for j in chosen if j != skip][:shots]
+    return tuple(t for j in chosen for t in anchors[j].input_ids)
 
 
 def anchor_prefixes(anchors: Sequence[Encoded], shots: int) -> list[tuple[int, ...]]:
-    """Each anchor's prefix: the demonstrations, with the anchor itself replaced by the next one."""
+    """Each anchor's prefix: the demonstrations, with the anchor itself replaced by the next one
+    that fits whole."""
     if shots == 0:
         return [()] * len(anchors)
-    return [demonstrations(anchors, shots, j if j < shots else None) for j in range(len(anchors))]
+    shown = set(demonstration_anchors(anchors, shots, leave_one_out=True)[:shots])
+    return [demonstrations(anchors, shots, j if j in shown else None) for j in range(len(anchors))]
 
 
-def warn_if_cut(anchors: Sequence[Encoded], shots: int, max_length: int) -> None:
-    """Log the demonstrations (the first ``shots`` anchors, and the next one in their place) that
-    were cut at the maximum length: they are shown without their end."""
-    cut = [j for j, a in enumerate(anchors[: shots + 1] if shots else []) if a.truncated]
-    if cut:
-        log.warning(
-            "demonstration anchors %s are longer than model.max-length = %d: shown cut, without "
-            "their end; raise model.max-length or put whole anchors first",
-            cut,
+def log_demonstrations(anchors: Sequence[Encoded], shots: int, max_length: int) -> None:
+    """Log which anchors are the demonstrations, and the cut ones passed over before them."""
+    if not shots:
+        return
+    chosen = demonstration_anchors(anchors, shots, leave_one_out=False)
+    passed = [j for j in range(chosen[-1]) if anchors[j].truncated]
+    if passed:
+        log.info(
+            "demonstrations: anchors %s; anchors %s are longer than model.max-length = %d and "
+            "are passed over",
+            chosen,
+            passed,
             max_length,
         )
+    else:
+        log.info("demonstrations: anchors %s", chosen)
