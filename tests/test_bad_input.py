@@ -89,6 +89,10 @@ def test_a_bad_client_file_is_named_with_its_line(own_data, text, fragment):
             {"quality.shots": 4},
             "quality.shots = 4 needs at least 5 anchors, but the anchor set has 4",
         ),
+        (
+            {"quality.shots": 2, "model.max-length": 8},
+            "quality.shots = 2 needs 3 anchors that fit whole in model.max-length",
+        ),
         ({"model.name": "/no/such/model"}, "model '/no/such/model': not a folder"),
         ({"data.federation": "mnist"}, "unknown demo federation 'mnist'"),
     ],

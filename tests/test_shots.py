@@ -13,10 +13,16 @@ from gradient_reference import ANCHORS, MAX_LENGTH, SAMPLES
 from fedqc.bench.pool import score_losses
 from fedqc.config import ModelConfig
 from fedqc.data.encoding import Encoded, encode_all
+from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import get_scorer, score_samples
-from fedqc.scoring.shots import anchor_prefixes, demonstrations, warn_if_cut
+from fedqc.scoring.shots import (
+    anchor_prefixes,
+    demonstration_anchors,
+    demonstrations,
+    log_demonstrations,
+)
 
 BATCH_TOKENS = 600  # with a ~150-token prefix: a few rows per batch, several batches
 
@@ -85,13 +91,50 @@ def test_bench_scores_anchors_and_samples_as_the_federation_does(loaded):
     np.testing.assert_allclose(bench.end, server.end_loss, rtol=1e-6)
 
 
-def test_cut_demonstrations_are_named_in_a_warning(loaded, caplog):
-    whole = encode_all(loaded.tokenizer, ANCHORS, MAX_LENGTH)
-    cut = encode_all(loaded.tokenizer, ANCHORS, 16)  # every anchor is longer than 16 tokens
-    assert all(e.truncated for e in cut) and not any(e.truncated for e in whole)
-    with caplog.at_level(logging.WARNING, logger="fedqc"):
-        warn_if_cut(whole, 2, MAX_LENGTH)
-        warn_if_cut(cut, 0, 16)
+def _anchor(j: int, cut: bool) -> Encoded:
+    return Encoded((100 + j, 200 + j), 1, cut)
+
+
+def test_demonstrations_are_the_first_anchors_that_fit_whole():
+    # anchors 1 and 4 were cut at model.max-length: never shown
+    enc = [_anchor(j, cut=j in (1, 4)) for j in range(6)]
+    ids = [e.input_ids for e in enc]
+    assert demonstration_anchors(enc, 2, leave_one_out=False) == [0, 2]
+    assert demonstration_anchors(enc, 2, leave_one_out=True) == [0, 2, 3]
+    assert demonstrations(enc, 2) == ids[0] + ids[2]
+    # a demonstration scored itself gets the next whole anchor in its place; the others,
+    # cut ones included, get the demonstrations
+    assert anchor_prefixes(enc, 2) == [
+        ids[2] + ids[3],
+        ids[0] + ids[2],
+        ids[0] + ids[3],
+        ids[0] + ids[2],
+        ids[0] + ids[2],
+        ids[0] + ids[2],
+    ]
+
+
+def test_too_few_whole_anchors_is_one_clear_line():
+    enc = [_anchor(j, cut=j != 2) for j in range(4)]
+    assert demonstrations(enc, 1) == enc[2].input_ids
+    with pytest.raises(FedqcError, match="needs 2 anchors that fit whole .* only 1 of the 4"):
+        demonstrations(enc, 2)
+    with pytest.raises(FedqcError, match="needs 2 anchors that fit whole .* only 1 of the 4"):
+        anchor_prefixes(enc, 1)  # anchor 2 scored itself needs another whole one in its place
+
+
+def test_the_demonstrations_and_the_cut_anchors_passed_over_are_logged(loaded, caplog):
+    long = Sample("long", "Tell a story.", "Once upon a time " * 20)
+    anchors = [ANCHORS[0], long, ANCHORS[2]]
+    cut_at = max(len(e.input_ids) for e in encode_all(loaded.tokenizer, ANCHORS, MAX_LENGTH))
+    enc = encode_all(loaded.tokenizer, anchors, cut_at)
+    assert [e.truncated for e in enc] == [False, True, False]
+    with caplog.at_level(logging.INFO, logger="fedqc"):
+        log_demonstrations(enc, 0, cut_at)
         assert not caplog.records
-        warn_if_cut(cut, 2, 16)
-    assert "demonstration anchors [0, 1, 2] are longer than model.max-length = 16" in caplog.text
+        log_demonstrations(enc, 2, cut_at)
+    assert (
+        f"demonstrations: anchors [0, 2]; anchors [1] are longer than model.max-length = {cut_at}"
+        in caplog.text
+    )
+    assert demonstrations(enc, 2) == enc[0].input_ids + enc[2].input_ids
