@@ -78,6 +78,20 @@ def test_a_bad_client_file_is_named_with_its_line(own_data, text, fragment):
     assert str(info.value).startswith(f"{clients / 'client-1.jsonl'}{fragment}")
 
 
+def test_client_data_as_csv_is_checked_row_by_row(own_data):
+    clients, config = own_data
+    (clients / "client-1.jsonl").unlink()
+    (clients / "client-1.csv").write_text("id,prompt,response\na,p,r\nb,q,\n")
+    with pytest.raises(FedqcError) as info:
+        check_inputs(config())
+    assert str(info.value).startswith(f"{clients / 'client-1.csv'} (row 2): missing fields")
+    (clients / "client-1.csv").write_text("id,prompt,response\na,p,r\nb,q,s\n")
+    check_inputs(config())
+    (clients / "client-1.jsonl").write_text(GOOD)
+    with pytest.raises(FedqcError, match="client 1 has client-1.jsonl, client-1.csv; keep one"):
+        check_inputs(config())
+
+
 @pytest.mark.parametrize(
     "extra,fragment",
     [

@@ -6,12 +6,14 @@ together in one fixture and checked in separate tests.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -249,6 +251,33 @@ def test_filter_keeps_samples_with_ppl_at_most_tau(scored):
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert kept == [r for r in originals if ppl[r["id"]] <= tau]
     assert 0 < len(kept) < len(originals)
+
+
+def test_filter_reads_parquet_writes_csv_and_never_the_input(scored):
+    data, scores = scored
+    ppl = {r["id"]: r["score"] for r in map(json.loads, scores.read_text().splitlines())}
+    tau = sorted(ppl.values())[len(ppl) // 2]
+    originals = [json.loads(line) for line in data.read_text().splitlines()]
+    parquet = scores.parent / "client-0.parquet"
+    datasets.Dataset.from_list(originals).to_parquet(str(parquet))
+    before = parquet.read_bytes()
+    common = ("filter", parquet, "--scores", scores, "--threshold", repr(tau))
+    started = {
+        "csv": start(*common, "--out", "kept.csv", cwd=scores.parent),
+        "input": start(*common, "--out", parquet, "--force", cwd=scores.parent),
+        "txt": start(*common, "--out", "kept.txt", cwd=scores.parent),
+    }
+    results = {name: finish(process) for name, process in started.items()}
+    assert results["csv"].returncode == 0, results["csv"].stderr
+    with open(scores.parent / "kept.csv", newline="", encoding="utf-8") as fh:
+        kept = list(csv.DictReader(fh))
+    expected = [r for r in originals if ppl[r["id"]] <= tau]
+    assert [r["id"] for r in kept] == [r["id"] for r in expected]
+    assert [r["question"] for r in kept] == [r["question"] for r in expected]
+    assert_user_error(results["input"], f"--out {parquet}: is the input; choose another path")
+    assert parquet.read_bytes() == before
+    assert_user_error(results["txt"], "kept.txt: unknown output type '.txt'; name it .jsonl")
+    assert not (scores.parent / "kept.txt").exists()
 
 
 def test_shots_need_anchors_and_change_the_scores(runs, scored, demo):

@@ -99,6 +99,7 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
         raise FedqcError(f"{path}: exists; choose another path or add --force")
 
 
+SAMPLES_HELP = "Samples: .jsonl, .json, .csv, .parquet, a save_to_disk folder or hub:OWNER/NAME."
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: key=value.")]
 ModelOpt = Annotated[str, typer.Option(help="Registry name, local folder or HF hub id.")]
@@ -242,7 +243,7 @@ WarmupOpt = Annotated[
 
 @app.command()
 def score(
-    data: Annotated[Path, typer.Argument(help="Samples (.json / .jsonl).")],
+    data: Annotated[Path, typer.Argument(help=SAMPLES_HELP)],
     scorer: Annotated[
         str, typer.Option(help="ppl, cond-prob, ifd, ira, or with --warmup: tracin, clues, ...")
     ],
@@ -481,21 +482,25 @@ def threshold(
 
 @app.command(name="filter")
 def filter_(
-    data: Annotated[Path, typer.Argument(help="Samples (.json / .jsonl).")],
+    data: Annotated[Path, typer.Argument(help=SAMPLES_HELP)],
     scores: Annotated[Path, typer.Option(help="SCORES.jsonl from `fedqc score`.")],
     threshold: Annotated[float, typer.Option(help="τ in the scorer's units (`fedqc threshold`).")],
-    out: Annotated[Path, typer.Option(help="Output KEPT.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Output KEPT: .jsonl, .json, .csv or .parquet.")],
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
 ) -> None:
-    """Keep the samples whose score passes τ; writes them unchanged."""
+    """Keep the samples whose score passes τ; writes them unchanged, in the format of --out."""
     import numpy as np
 
     from fedqc.data.samples import load_records, read_scores
+    from fedqc.data.sources import check_output, write_rows
     from fedqc.quality.selection import select
     from fedqc.scoring.scorers import any_scorer
 
     if not math.isfinite(threshold):
         raise FedqcError(f"--threshold {threshold}: τ must be a finite number (fedqc threshold)")
+    check_output(out)
+    if out.resolve() == data.resolve():
+        raise FedqcError(f"--out {out}: is the input; choose another path")
     _refuse_overwrite(out, force)
     records = load_records(data)
     ids, values, scorer_name = read_scores(scores)
@@ -505,10 +510,9 @@ def filter_(
     selection = select(
         scorer.orient(np.array(values, dtype=np.float64)), tau=scorer.direction * threshold
     )
-    with open(out, "w", encoding="utf-8") as fh:
-        for (_, record), keep in zip(records, selection.keep, strict=True):
-            if keep:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_rows(
+        out, [record for (_, record), keep in zip(records, selection.keep, strict=True) if keep]
+    )
     console.print(
         f"kept {selection.kept} of {len(records)} samples → {out} "
         f"({selection.rejected_below_threshold} below τ, "

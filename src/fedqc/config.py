@@ -34,7 +34,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     federation: str = "gsm8k"  # "gsm8k" builds the demo federation; "" uses the paths below
-    clients_dir: str = ""  # folder with client-0.jsonl, client-1.jsonl, ... (one per node)
+    clients_dir: str = ""  # folder with client-0.jsonl, client-1.jsonl, ... (or .csv, .parquet)
     anchors: str = ""  # trusted anchor samples (server side only)
     eval: str = ""  # held-out evaluation samples (server side only)
     num_clients: int = 4

@@ -16,6 +16,7 @@ import numpy as np
 from fedqc.config import Config, load_config
 from fedqc.data.demo import write_demo
 from fedqc.data.samples import load_samples
+from fedqc.data.sources import client_source
 from fedqc.errors import FedqcError
 from fedqc.quality.selection import selection_metrics
 
@@ -95,14 +96,17 @@ def check_inputs(cfg: Config) -> None:
 
 
 def client_files(clients: Path) -> list[Path]:
-    """client-0.jsonl, client-1.jsonl, ... (consecutive) in a clients folder."""
+    """Client 0, 1, ... data (consecutive) in a clients folder (:func:`client_source`)."""
     if not clients.is_dir():
         raise FedqcError(f"data.clients-dir '{clients}': folder not found")
     files = []
-    while (clients / f"client-{len(files)}.jsonl").is_file():
-        files.append(clients / f"client-{len(files)}.jsonl")
+    while (found := client_source(clients, len(files))) is not None:
+        files.append(found)
     if not files:
-        raise FedqcError(f"{clients}: holds no client-0.jsonl (one client-<i>.jsonl per client)")
+        raise FedqcError(
+            f"{clients}: holds no client-0.jsonl (one client-<i>.jsonl per client; or .json, "
+            ".csv, .parquet, or a client-<i>/ save_to_disk folder)"
+        )
     return files
 
 

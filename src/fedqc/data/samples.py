@@ -1,16 +1,18 @@
-"""Instruction samples and their loading from JSON / JSONL files in the usual schemas.
+"""Instruction samples and their loading in the usual schemas.
 
-Schemas (one per file): ``instruction``/``input``/``output`` (Alpaca), ``question``/``answer``
-(GSM8K), ``prompt``/``response``, and chat ``messages`` ending with an assistant turn.
+Schemas (one per source): ``instruction``/``input``/``output`` (Alpaca), ``question``/``answer``
+(GSM8K), ``prompt``/``response``, and chat ``messages`` ending with an assistant turn. Sources:
+JSON/JSONL, CSV and Parquet files, a ``save_to_disk`` folder or a Hub dataset
+(:mod:`fedqc.data.sources`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedqc.data.sources import json_rows, read_rows, read_text
 from fedqc.errors import FedqcError
 
 SCHEMAS = {
@@ -30,14 +32,14 @@ class Sample:
 
 
 def load_samples(path: str | Path) -> list[Sample]:
-    """Read samples from a .json (list) or .jsonl file; every problem names the file and line."""
+    """Read samples from a source (:mod:`fedqc.data.sources`); a problem names the source and
+    the line or row."""
     return [sample for sample, _ in load_records(path)]
 
 
 def load_records(path: str | Path) -> list[tuple[Sample, dict]]:
-    """Each sample with the JSON object it came from (to write kept samples back unchanged)."""
-    path = Path(path)
-    records = _parse(path, _read_text(path))
+    """Each sample with the row it came from (to write kept samples back unchanged)."""
+    records = read_rows(path)
     if not records:
         raise FedqcError(f"{path}: holds no samples")
     samples, schema0, seen = [], None, {}
@@ -63,7 +65,10 @@ def load_records(path: str | Path) -> list[tuple[Sample, dict]]:
 def read_scores(path: str | Path) -> tuple[list[str], list[float], str]:
     """(ids, raw scores, scorer name) from a `fedqc score` output file."""
     ids, values, scorers = [], [], set()
-    for where, _, record in _parse(Path(path), _read_text(Path(path))):
+    path = Path(path)
+    if not path.is_file():
+        raise FedqcError(f"{path}: file not found")
+    for where, _, record in json_rows(path, read_text(path)):
         if not isinstance(record, dict) or not {"id", "score", "scorer"} <= record.keys():
             raise FedqcError(f"{where}: need 'id', 'score' and 'scorer' (from fedqc score)")
         ids.append(str(record["id"]))
@@ -72,41 +77,6 @@ def read_scores(path: str | Path) -> tuple[list[str], list[float], str]:
     if len(scorers) != 1:
         raise FedqcError(f"{path}: needs exactly one scorer, found {sorted(scorers) or 'none'}")
     return ids, values, scorers.pop()
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise FedqcError(f"{path}: file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FedqcError(
-            f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8"
-        ) from None
-
-
-def _parse(path: Path, text: str) -> list[tuple[str, str, Any]]:
-    """(location, label, object): ``file:N``/``line N`` in JSON-lines, ``item N`` in a list."""
-    stripped = text.lstrip()
-    if not stripped:
-        return []
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FedqcError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-        if not isinstance(data, list):
-            raise FedqcError(f"{path}: a .json file must hold a list of samples")
-        return [(f"{path} (item {i + 1})", f"item {i + 1}", item) for i, item in enumerate(data)]
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{number}", f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise FedqcError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-    return records
 
 
 def _schema_of(record: dict, where: str) -> str:

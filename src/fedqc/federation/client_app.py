@@ -28,6 +28,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedqc.config import Config
 from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample, load_samples
+from fedqc.data.sources import client_source
 from fedqc.federation.privacy import (
     AdapterSpec,
     OutgoingGuard,
@@ -137,7 +138,7 @@ def node_paths(context: Context, cfg: Config) -> tuple[Path, Path, int]:
     """(data file, local output folder, partition id) of this node.
 
     Deployment: ``--node-config "data-path=... output-dir=..."``. Simulation: the partition id picks
-    ``client-<id>.jsonl`` in ``data.clients-dir``.
+    ``client-<id>.jsonl`` (or .json, .csv, .parquet, a folder) in ``data.clients-dir``.
     """
     node = context.node_config
     pid = int(node.get("partition-id", -1))
@@ -147,7 +148,9 @@ def node_paths(context: Context, cfg: Config) -> tuple[Path, Path, int]:
         return data, out, pid
     if pid < 0 or not cfg.data.clients_dir:
         raise ValueError("this node has no data: set --node-config data-path=FILE")
-    data = Path(cfg.data.clients_dir) / f"client-{pid}.jsonl"
+    data = client_source(Path(cfg.data.clients_dir), pid)
+    if data is None:
+        raise ValueError(f"{cfg.data.clients_dir}: holds no data for client {pid}")
     return data, Path(cfg.output.run_dir) / "clients" / f"client-{pid}", pid
 
 
