@@ -120,7 +120,7 @@ ShotsOpt = Annotated[
     int,
     typer.Option(
         min=0,
-        help="Forward scorers: show the first K anchors in context before each sample, as "
+        help="Forward scorers: show the first K whole anchors in context before each sample, as "
         "quality.shots does in a run (0: zero-shot).",
     ),
 ]

@@ -66,9 +66,9 @@ class QualityConfig:
     # masking as in SecAgg+, fedqc.federation.secure_sum; docs/privacy.md).
     secure_sum: bool = False
     warmup_rounds: int = 2  # checkpoint scorers (tracin, clues, ...): federated warm-up rounds
-    # Forward scorers: the first `shots` anchors are shown in context before every scored sample,
-    # so the model knows the answer format (fedqc.scoring.shots); 0, or a run without anchors,
-    # scores zero-shot.
+    # Forward scorers: the first `shots` anchors that fit whole in model.max-length are shown in
+    # context before every scored sample, so the model knows the answer format
+    # (fedqc.scoring.shots); 0, or a run without anchors, scores zero-shot.
     shots: int = 2
     # FedDQC's easy→hard training (fedqc.quality.curriculum): "off", or "stages:K" (the kept
     # samples in K stages of the rounds, best first, re-scored by the global adapter at each

@@ -1,5 +1,5 @@
-"""Few-shot scoring: the first K anchors, shown in context before every sample a forward scorer
-scores (``quality.shots`` = K).
+"""Few-shot scoring: the first K whole anchors, shown in context before every sample a forward
+scorer scores (``quality.shots`` = K).
 
 With K whole anchors (prompt, response, end of sequence) in front, the model knows the task's answer
 format before it reads a sample. On the demo's GSM8K pool (SmolLM2-135M) the clean responses'
