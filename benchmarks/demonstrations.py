@@ -70,7 +70,7 @@ def main() -> None:
     cut = [j for j, a in enumerate(anchors) if a.truncated]
     shown = {
         "before": list(range(shots)),
-        "after": demonstration_anchors(anchors, shots, leave_one_out=False),
+        "after": demonstration_anchors(anchors, shots)[:shots],
     }
     print(
         f"demo phase 1, quality.shots = {shots}, model.max-length = {max_length}: anchors cut "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from local_grid import LocalGrid, QuietStages
@@ -86,7 +87,14 @@ def test_client_data_as_csv_is_checked_row_by_row(own_data):
         check_inputs(config())
     assert str(info.value).startswith(f"{clients / 'client-1.csv'} (row 2): missing fields")
     (clients / "client-1.csv").write_text("id,prompt,response\na,p,r\nb,q,s\n")
-    check_inputs(config())
+    anchors = [json.loads(line) for line in Path(config().data.anchors).read_text().splitlines()]
+    datasets.Dataset.from_list(anchors).to_parquet(str(clients.parent / "anchors.parquet"))
+    datasets.Dataset.from_list(anchors).save_to_disk(str(clients.parent / "eval"))
+    places = {
+        "data.anchors": clients.parent / "anchors.parquet",
+        "data.eval": clients.parent / "eval",
+    }
+    check_inputs(config(**{key: str(path) for key, path in places.items()}))
     (clients / "client-1.jsonl").write_text(GOOD)
     with pytest.raises(FedqcError, match="client 1 has client-1.jsonl, client-1.csv; keep one"):
         check_inputs(config())
@@ -102,10 +110,6 @@ def test_client_data_as_csv_is_checked_row_by_row(own_data):
         (
             {"quality.shots": 4},
             "quality.shots = 4 needs at least 5 anchors, but the anchor set has 4",
-        ),
-        (
-            {"quality.shots": 2, "model.max-length": 8},
-            "quality.shots = 2 needs 3 anchors that fit whole in model.max-length",
         ),
         ({"model.name": "/no/such/model"}, "model '/no/such/model': not a folder"),
         ({"data.federation": "mnist"}, "unknown demo federation 'mnist'"),

@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from fedqc.data.samples import Sample, load_records, load_samples
-from fedqc.data.sources import client_source
+from fedqc.data.sources import client_source, source_exists
 from fedqc.errors import FedqcError
 
 
@@ -274,6 +274,12 @@ def test_the_hub_offline_is_one_line(monkeypatch):
         "reach 'owner/name' on the Hub (LocalEntryNotFoundError)); check the id, config and "
         "split, and the internet connection (or use a save_to_disk folder)"
     )
+
+
+def test_a_source_exists_as_a_file_a_folder_or_a_hub_id(tmp_path):
+    _table(tmp_path / "saved", TABLE)
+    assert source_exists(tmp_path / "saved") and source_exists("hub:owner/name")
+    assert not source_exists(tmp_path / "nope.parquet")
 
 
 def test_client_data_in_any_format_but_one_per_client(tmp_path):

@@ -99,8 +99,7 @@ def test_demonstrations_are_the_first_anchors_that_fit_whole():
     # anchors 1 and 4 were cut at model.max-length: never shown
     enc = [_anchor(j, cut=j in (1, 4)) for j in range(6)]
     ids = [e.input_ids for e in enc]
-    assert demonstration_anchors(enc, 2, leave_one_out=False) == [0, 2]
-    assert demonstration_anchors(enc, 2, leave_one_out=True) == [0, 2, 3]
+    assert demonstration_anchors(enc, 2) == [0, 2, 3]
     assert demonstrations(enc, 2) == ids[0] + ids[2]
     # a demonstration scored itself gets the next whole anchor in its place; the others,
     # cut ones included, get the demonstrations
@@ -114,13 +113,21 @@ def test_demonstrations_are_the_first_anchors_that_fit_whole():
     ]
 
 
-def test_too_few_whole_anchors_is_one_clear_line():
+def test_with_too_few_whole_anchors_all_that_fit_are_shown_and_a_warning_says_so(caplog):
     enc = [_anchor(j, cut=j != 2) for j in range(4)]
-    assert demonstrations(enc, 1) == enc[2].input_ids
-    with pytest.raises(FedqcError, match="needs 2 anchors that fit whole .* only 1 of the 4"):
-        demonstrations(enc, 2)
-    with pytest.raises(FedqcError, match="needs 2 anchors that fit whole .* only 1 of the 4"):
-        anchor_prefixes(enc, 1)  # anchor 2 scored itself needs another whole one in its place
+    ids = [e.input_ids for e in enc]
+    assert demonstrations(enc, 2) == ids[2]
+    assert anchor_prefixes(enc, 2) == [ids[2], ids[2], (), ids[2]]  # no whole one to stand in
+    assert demonstrations([_anchor(j, cut=True) for j in range(3)], 2) == ()  # zero-shot
+    with caplog.at_level(logging.INFO, logger="fedqc"):
+        log_demonstrations(enc, 2, 16)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "only 1 of the 4 anchors fit whole in model.max-length = 16 (prompt, response and end of "
+        "sequence): 1 demonstrations instead of quality.shots = 2; raise model.max-length or add "
+        "shorter anchors"
+    ]
+    assert "demonstrations: anchors [2]; anchors [0, 1, 3], longer than" in caplog.text
 
 
 def test_the_demonstrations_and_the_cut_anchors_passed_over_are_logged(loaded, caplog):
@@ -133,8 +140,8 @@ def test_the_demonstrations_and_the_cut_anchors_passed_over_are_logged(loaded, c
         log_demonstrations(enc, 0, cut_at)
         assert not caplog.records
         log_demonstrations(enc, 2, cut_at)
-    assert (
-        f"demonstrations: anchors [0, 2]; anchors [1] are longer than model.max-length = {cut_at}"
-        in caplog.text
-    )
+    assert caplog.messages == [
+        f"demonstrations: anchors [0, 2]; anchors [1], longer than model.max-length = {cut_at}, "
+        "passed over"
+    ]
     assert demonstrations(enc, 2) == enc[0].input_ids + enc[2].input_ids

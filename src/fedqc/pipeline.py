@@ -16,7 +16,7 @@ import numpy as np
 from fedqc.config import Config, load_config
 from fedqc.data.demo import write_demo
 from fedqc.data.samples import load_samples
-from fedqc.data.sources import client_source
+from fedqc.data.sources import client_source, source_exists
 from fedqc.errors import FedqcError
 from fedqc.quality.selection import selection_metrics
 
@@ -35,13 +35,12 @@ def check_inputs(cfg: Config) -> None:
     """Stop with one clear line on a bad scorer, rule, model or data file (writes nothing)."""
     import torch
 
-    from fedqc.data.encoding import encode_all
     from fedqc.federation.strategy import check_strategy
     from fedqc.models.loading import load
     from fedqc.quality.curriculum import check_curriculum
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
-    from fedqc.scoring.shots import demonstration_anchors, require_anchors
+    from fedqc.scoring.shots import require_anchors
 
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     check_strategy(cfg)
@@ -88,11 +87,8 @@ def check_inputs(cfg: Config) -> None:
             f"federation.client-gpus = {cfg.federation.client_gpus}, but torch "
             f"{torch.__version__} sees no CUDA GPU here; set it to 0 (clients on the CPU)"
         )
-    loaded = load(cfg.model)  # a model that does not exist, does not take the LoRA targets, or a
-    # device or dtype (model.device, model.dtype) this machine does not have
-    if not is_checkpoint_scorer(scorer.name) and cfg.quality.shots and d.anchors:
-        encoded = encode_all(loaded.tokenizer, load_samples(d.anchors), cfg.model.max_length)
-        demonstration_anchors(encoded, cfg.quality.shots, leave_one_out=rule.needs_anchors)
+    load(cfg.model)  # a model that does not exist, does not take the LoRA targets, or a device
+    # or dtype (model.device, model.dtype) this machine does not have
 
 
 def client_files(clients: Path) -> list[Path]:
@@ -149,7 +145,7 @@ def prepare(cfg: Config, run_dir: Path) -> Config:
     n = len(client_files(Path(cfg.data.clients_dir)))
     for key in ("anchors", "eval"):
         path = getattr(cfg.data, key)
-        if path and not Path(path).is_file():
+        if path and not source_exists(path):
             raise FedqcError(f"data.{key} '{path}': file not found")
     cfg = cfg.replace(**{"data.num-clients": n, "output.run-dir": str(run_dir)})
     write_config(run_dir, cfg)

@@ -47,6 +47,11 @@ def read_rows(source: str | Path) -> list[Row]:
     return json_rows(path, read_text(path))
 
 
+def source_exists(source: str | Path) -> bool:
+    """A Hub dataset, or a file or folder that exists (whether it reads: :func:`read_rows`)."""
+    return str(source).startswith(HUB) or Path(source).exists()
+
+
 def client_source(clients: Path, pid: int) -> Path | None:
     """Client ``pid``'s data in a clients folder: ``client-<pid>`` with one of the file suffixes
     above, or a ``client-<pid>/`` save_to_disk folder; None when there is none."""

@@ -9,13 +9,15 @@ tells a cut answer from a whole one almost perfectly (AUC 0.987 → 1.000).
 The demonstrations are the first K anchors that **fit whole**: an anchor fits when its whole
 encoding (prompt, response and end of sequence) is at most ``model.max-length`` tokens, i.e. when
 :func:`fedqc.data.encoding.encode` did not cut it. A cut anchor is passed over, never shown
-without its end. The prefix does not take room from the scored sample: each sample keeps its own
-``model.max-length`` budget, so a forward pass holds at most (K + 1) · ``model.max-length`` tokens,
-and the scorer refuses, in one line, a prefix and sample longer than the model's positions.
+without its end. When fewer than K fit, all those that fit are shown (none: zero-shot), and one
+warning line says so. The prefix does not take room from the scored sample: each sample keeps its
+own ``model.max-length`` budget, so a forward pass holds at most (K + 1) · ``model.max-length``
+tokens, and the scorer refuses, in one line, a prefix and sample longer than the model's positions.
 
 The demonstrations are the server's anchors, never a client's data: clients get their token ids
 with the query. An anchor among the demonstrations is scored with the next anchor that fits whole
-in its place, so no sample ever sees itself in context. The server, the clients (through the
+in its place (with one demonstration fewer when there is none), so no sample ever sees itself in
+context. The server, the clients (through the
 query's prefix), ``fedqc score`` and the bench all take them from :func:`demonstrations` and
 :func:`anchor_prefixes`.
 """
@@ -42,20 +44,10 @@ def require_anchors(count: int, shots: int, leave_one_out: bool) -> None:
         )
 
 
-def demonstration_anchors(anchors: Sequence[Encoded], shots: int, leave_one_out: bool) -> list[int]:
-    """Positions of the first ``shots`` anchors that fit whole (one more with ``leave_one_out``:
-    the one that takes the place of a demonstration scored itself)."""
-    require_anchors(len(anchors), shots, leave_one_out)
-    need = shots + leave_one_out
-    whole = [j for j, a in enumerate(anchors) if not a.truncated][:need]
-    if len(whole) < need:
-        raise FedqcError(
-            f"quality.shots = {shots} needs {need} anchors that fit whole in model.max-length "
-            f"(prompt, response and end of sequence), but only {len(whole)} of the "
-            f"{len(anchors)} anchors do; raise model.max-length, lower quality.shots or add "
-            "shorter anchors"
-        )
-    return whole
+def demonstration_anchors(anchors: Sequence[Encoded], shots: int) -> list[int]:
+    """Positions of the first ``shots`` + 1 anchors that fit whole (fewer when fewer fit): the
+    demonstrations, then the one that takes the place of a demonstration scored itself."""
+    return [j for j, a in enumerate(anchors) if not a.truncated][: shots + 1]
 
 
 def demonstrations(
@@ -63,8 +55,8 @@ def demonstrations(
 ) -> tuple[int, ...]:
     """The token ids of the first ``shots`` anchors that fit whole, in order, leaving out anchor
     ``skip``."""
-    chosen = demonstration_anchors(anchors, shots, skip is not None)
-    chosen = [j for j in chosen if j != skip][:shots]
+    require_anchors(len(anchors), shots, skip is not None)
+    chosen = [j for j in demonstration_anchors(anchors, shots) if j != skip][:shots]
     return tuple(t for j in chosen for t in anchors[j].input_ids)
 
 
@@ -73,23 +65,32 @@ def anchor_prefixes(anchors: Sequence[Encoded], shots: int) -> list[tuple[int, .
     that fits whole."""
     if shots == 0:
         return [()] * len(anchors)
-    shown = set(demonstration_anchors(anchors, shots, leave_one_out=True)[:shots])
-    return [demonstrations(anchors, shots, j if j in shown else None) for j in range(len(anchors))]
+    return [demonstrations(anchors, shots, j) for j in range(len(anchors))]
 
 
 def log_demonstrations(anchors: Sequence[Encoded], shots: int, max_length: int) -> None:
-    """Log which anchors are the demonstrations, and the cut ones passed over before them."""
+    """Log which anchors are the demonstrations and which cut ones were passed over; warn, in one
+    line, when fewer than ``shots`` fit whole."""
     if not shots:
         return
-    chosen = demonstration_anchors(anchors, shots, leave_one_out=False)
-    passed = [j for j in range(chosen[-1]) if anchors[j].truncated]
-    if passed:
-        log.info(
-            "demonstrations: anchors %s; anchors %s are longer than model.max-length = %d and "
-            "are passed over",
-            chosen,
-            passed,
+    chosen = demonstration_anchors(anchors, shots)[:shots]
+    if len(chosen) < shots:
+        log.warning(
+            "only %d of the %d anchors fit whole in model.max-length = %d (prompt, response and "
+            "end of sequence): %d demonstrations instead of quality.shots = %d; raise "
+            "model.max-length or add shorter anchors",
+            len(chosen),
+            len(anchors),
             max_length,
+            len(chosen),
+            shots,
         )
-    else:
-        log.info("demonstrations: anchors %s", chosen)
+    end = chosen[-1] if len(chosen) == shots else len(anchors)
+    passed = [j for j in range(end) if anchors[j].truncated]
+    log.info(
+        "demonstrations: anchors %s%s",
+        chosen,
+        f"; anchors {passed}, longer than model.max-length = {max_length}, passed over"
+        if passed
+        else "",
+    )
