@@ -14,6 +14,7 @@ from fedqc.bench.draws import (
     BEST,
     best_f1,
     clean_rejected,
+    demonstration_indices,
     draw_anchors,
     measure,
     plan_anchors,
@@ -43,26 +44,36 @@ def test_best_f1_hand_computed():
 
 
 def test_draws_are_seeded_distinct_and_leave_out_the_demonstrations():
-    draws = draw_anchors(seed=0, draw_seed=0, draws=20, n=10, first=2, pool=50)
+    draws = draw_anchors(seed=0, draw_seed=0, draws=20, n=10, demos=[0, 1], pool=50)
     assert all(len(set(d.tolist())) == 10 and d.min() >= 2 and d.max() < 50 for d in draws)
     assert len({tuple(d) for d in draws}) == 20
-    again = draw_anchors(seed=0, draw_seed=0, draws=20, n=10, first=2, pool=50)
+    again = draw_anchors(seed=0, draw_seed=0, draws=20, n=10, demos=[0, 1], pool=50)
     assert all((a == b).all() for a, b in zip(draws, again, strict=True))
-    other = draw_anchors(seed=0, draw_seed=1, draws=20, n=10, first=2, pool=50)
+    other = draw_anchors(seed=0, draw_seed=1, draws=20, n=10, demos=[0, 1], pool=50)
     assert any((a != b).any() for a, b in zip(draws, other, strict=True))
     with pytest.raises(FedqcError, match="data.num-anchors"):
-        draw_anchors(seed=0, draw_seed=0, draws=1, n=10, first=2, pool=11)
+        draw_anchors(seed=0, draw_seed=0, draws=1, n=10, demos=[0, 1], pool=11)
+
+
+def test_demonstrations_are_the_first_whole_anchors_and_no_draw_takes_them():
+    truncated = np.array([False, True, False, False, False, False])
+    assert demonstration_indices(truncated, 2) == [0, 2]
+    assert demonstration_indices(truncated, 0) == []
+    draws = draw_anchors(seed=0, draw_seed=0, draws=10, n=3, demos=[0, 2], pool=6)
+    assert all(set(d.tolist()) <= {1, 3, 4, 5} for d in draws)
+    calibration, tau = plan_anchors("run", np.array([4, 1, 5]), demos=[0, 2])
+    assert calibration.tolist() == tau.tolist() == [0, 2, 4]
 
 
 def test_plans_say_which_anchors_calibrate_and_set_tau():
     draw = np.array([7, 3, 9, 4, 5])
-    calibration, tau = plan_anchors("drawn", draw, shots=2)
+    calibration, tau = plan_anchors("drawn", draw, demos=[0, 1])
     assert calibration.tolist() == tau.tolist() == [7, 3, 9, 4, 5]
-    calibration, tau = plan_anchors("run", draw, shots=2)  # the demonstrations are 0 and 1
+    calibration, tau = plan_anchors("run", draw, demos=[0, 1])  # the demonstrations are 0 and 1
     assert calibration.tolist() == tau.tolist() == [0, 1, 7, 3, 9]
-    calibration, tau = plan_anchors("split:2", draw, shots=2)
+    calibration, tau = plan_anchors("split:2", draw, demos=[0, 1])
     assert calibration.tolist() == [0, 1] and tau.tolist() == [7, 3, 9]
-    calibration, tau = plan_anchors("split:3", draw, shots=0)
+    calibration, tau = plan_anchors("split:3", draw, demos=[])
     assert calibration.tolist() == [7, 3, 9] and tau.tolist() == [4, 5]
 
 
@@ -95,8 +106,8 @@ def _rates(scorer: str, plan: str, rules, draws=400, n=10) -> dict[str, float]:
     source = ForwardScores(scorer, pool, anchors)
     fed = _federation(200)
     rows = []
-    for d in draw_anchors(0, 0, draws, n, first=0, pool=len(anchors.cond)):
-        calibration, tau = plan_anchors(plan, d, shots=0)
+    for d in draw_anchors(0, 0, draws, n, demos=[], pool=len(anchors.cond)):
+        calibration, tau = plan_anchors(plan, d, demos=[])
         rows += measure(source, rules, [fed], np.arange(20_000), calibration, tau)
     by_rule: dict[str, list[float]] = {}
     for row in rows:

@@ -10,9 +10,9 @@ each draw is then arithmetic on those losses. Per draw, plan, scorer and rule it
   anchors come from one shuffle of one source, so a clean item is as exchangeable with the anchors
   as the rules assume; ``anchor-conformal:A`` and ``anchor-gaussian:A`` promise this rate is A.
 
-The demonstrations are the first ``quality.shots`` anchors in every draw and setting, so the pool
-is scored once; each draw takes n = ``data.num-anchors`` of the other anchors, in random order. A
-plan says which anchors calibrate the ensemble and which set τ:
+The demonstrations are the first ``quality.shots`` anchors that fit whole, as in `fedqc run`, in
+every draw and setting, so the pool is scored once; each draw takes n = ``data.num-anchors`` of the
+other anchors, in random order. A plan says which anchors calibrate the ensemble and which set τ:
 
 - ``drawn``: the n drawn anchors do both; the demonstrations are further anchors, in no draw.
 - ``run``: as `fedqc run` does: the n anchors are the demonstrations and the first n − shots drawn
@@ -53,32 +53,43 @@ PROMISING = ("anchor-conformal", "anchor-gaussian")  # the rules that promise a 
 
 
 def draw_anchors(
-    seed: int, draw_seed: int, draws: int, n: int, first: int, pool: int
+    seed: int, draw_seed: int, draws: int, n: int, demos: Sequence[int], pool: int
 ) -> list[np.ndarray]:
-    """``draws`` random draws of ``n`` anchor indices from ``first``..``pool``−1, each in random
-    order (``run`` and ``split`` take the first n − shots)."""
-    if pool - first < n:
+    """``draws`` random draws of ``n`` anchor indices from the ``pool`` anchors that are not
+    demonstrations (``demos``), each in random order (``run`` and ``split`` take the first
+    n − shots)."""
+    free = [j for j in range(pool) if j not in set(demos)]
+    if len(free) < n:
         raise FedqcError(
-            f"--draws takes {n} anchors (data.num-anchors) from the {pool - first} anchors "
+            f"--draws takes {n} anchors (data.num-anchors) from the {len(free)} anchors "
             "that are not demonstrations; raise bench.anchor-sweep's largest count or lower "
             "data.num-anchors"
         )
     out = []
     for r in range(draws):
         rng = random.Random(f"fedqc-bench-{seed}-draw-{draw_seed}-{r}")
-        out.append(np.array(rng.sample(range(first, pool), n), dtype=np.int64))
+        out.append(np.array(rng.sample(free, n), dtype=np.int64))
     return out
 
 
-def plan_anchors(plan: str, draw: np.ndarray, shots: int) -> tuple[np.ndarray, np.ndarray]:
-    """(anchors that calibrate the ensemble, anchors that set τ) of one draw under ``plan``."""
+def plan_anchors(
+    plan: str, draw: np.ndarray, demos: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(anchors that calibrate the ensemble, anchors that set τ) of one draw under ``plan``;
+    ``demos``: the demonstrations' anchor indices."""
     if plan == "drawn":
         return draw, draw
-    chosen = np.concatenate([np.arange(shots, dtype=np.int64), draw[: len(draw) - shots]])
+    chosen = np.concatenate([np.asarray(demos, dtype=np.int64), draw[: len(draw) - len(demos)]])
     if plan == "run":
         return chosen, chosen
     c = split_size(plan)
     return chosen[:c], chosen[c:]
+
+
+def demonstration_indices(truncated: np.ndarray, shots: int) -> list[int]:
+    """The demonstrations as fedqc run picks them: the first ``shots`` anchors that fit whole
+    (not cut at model.max-length; :func:`fedqc.scoring.shots.demonstration_anchors`)."""
+    return [int(j) for j in np.flatnonzero(~np.asarray(truncated, dtype=bool))[:shots]]
 
 
 def split_size(plan: str) -> int:
@@ -163,7 +174,9 @@ def sweep(
             for name in bench.scorer_list:
                 source = ForwardScores(name, pool, anchors)
                 for r, draw in enumerate(draws):
-                    calibration, tau_anchors = plan_anchors(plan, draw, shots)
+                    calibration, tau_anchors = plan_anchors(
+                        plan, draw, demonstration_indices(anchors.truncated, shots)
+                    )
                     label = {"shots": shots, "plan": plan, "scorer": name, "draw": r}
                     for row in measure(
                         source, bench.rule_list, feds, clean_entries, calibration, tau_anchors
@@ -316,14 +329,6 @@ def run_draws(
     (run_dir / "bench.toml").write_text(cfg.to_toml() + "\n" + bench.to_toml())
     data = split_data(cfg, bench)
     feds = federations(cfg, bench, data)
-    anchor_draws = draw_anchors(
-        cfg.data.seed,
-        bench.draw_seed,
-        draws,
-        cfg.data.num_anchors,
-        cfg.quality.shots,
-        len(data.anchors),
-    )
     losses, loaded = {}, None
     for shots in sorted({0, cfg.quality.shots}):
         path = f"losses-{shots}shot.csv"
@@ -333,6 +338,10 @@ def run_draws(
             loaded = loaded or load(cfg.model)
             losses[shots] = score_pool(loaded, cfg, data, shots, stages)
         _write_losses(run_dir / path, *losses[shots])
+    demos = demonstration_indices(losses[cfg.quality.shots][1].truncated, cfg.quality.shots)
+    anchor_draws = draw_anchors(
+        cfg.data.seed, bench.draw_seed, draws, cfg.data.num_anchors, demos, len(data.anchors)
+    )
     scoring = time.perf_counter() - start
     clean_entries = np.arange(len(data.items))  # entries() lists every item's clean version first
     rows = sweep(losses, bench, feds, clean_entries, anchor_draws)
@@ -342,8 +351,8 @@ def run_draws(
         "# fedqc bench: anchor rules over random anchor draws\n\n"
         + (f"Command: `{command}`\n\n" if command else "")
         + f"{draws} draws of {cfg.data.num_anchors} anchors (draw seed {bench.draw_seed}) from the "
-        f"{len(data.anchors) - cfg.quality.shots} anchors that are not demonstrations; the "
-        f"demonstrations are the first {cfg.quality.shots} anchors. Pool: "
+        f"{len(data.anchors) - len(demos)} anchors that are not demonstrations; the "
+        f"demonstrations are anchors {demos}, the first {cfg.quality.shots} that fit whole. Pool: "
         f"{len(data.items)} items, {len(data.entries())} scored entries; clean items: "
         f"{len(clean_entries)}. "
         + (
