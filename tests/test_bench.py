@@ -176,13 +176,15 @@ def test_every_rule_and_the_ensemble_on_a_hand_made_pool():
 
 def test_an_ensemble_is_calibrated_on_the_anchors_that_set_tau():
     from fedqc.bench.experiment import ForwardScores
-    from fedqc.scoring.ensemble import calibrate
+    from fedqc.scoring.ensemble import Calibration
 
     _, losses, anchor_losses = _hand_made_pool()
     source = ForwardScores("ensemble:ppl+ifd", losses, anchor_losses)
     first, other = np.arange(5), np.arange(5, 15)
     a = anchor_losses.take(first)
-    assert source.scorer(first).calibration == calibrate("ensemble:ppl+ifd", a.cond, a.bare)
+    assert source.scorer(first).calibration == (
+        Calibration("ensemble:ppl+ifd").fit(a.cond, a.bare).calibration_
+    )
     assert source.scorer(other).calibration != source.scorer(first).calibration
     # the anchors' scores are on their own calibration: median of each component at 0
     z = source.anchor_scores(first)

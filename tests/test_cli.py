@@ -107,6 +107,8 @@ def runs(demo, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
             "ppl",
             "--rule",
             "anchor-mean",
+            "--shots",
+            "0",  # the papers' zero-shot ppl (the default is a run's 2 shots)
             *model,
             "--max-length",
             MAX_LENGTH,
@@ -323,3 +325,63 @@ def test_missing_data_file(runs, demo):
 def test_run_with_unknown_set_key(runs, demo):
     assert_user_error(runs["run-unknown-key"], "unknown config key 'train.nope'")
     assert not (demo.parent / "run").exists()
+
+
+def test_the_step_by_step_cli_decides_exactly_as_a_run(demo, tiny_model_dir, tmp_path):
+    """threshold --out → score --plan → filter --plan, with the default scorer (a calibrated
+    ensemble), rule and 2 shots, keeps on each client exactly what `fedqc run`'s client keeps."""
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.config import Config, QualityConfig
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    run_dir, max_length = tmp_path / "run", 512  # no anchor is cut: each has an end-loss
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": max_length,
+            "data.federation": "",
+            "data.clients-dir": str(demo / "clients"),
+            "data.anchors": str(demo / "anchors.jsonl"),
+            "data.num-clients": 2,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "output.run-dir": str(run_dir),
+        }
+    )
+    assert (cfg.quality.scorer, cfg.quality.shots) == (QualityConfig().scorer, 2)
+    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    ran = json.loads((run_dir / "threshold.json").read_text())
+
+    model = ["--model", tiny_model_dir, "--max-length", max_length]
+    plan = tmp_path / "threshold.json"
+    result = fedqc("threshold", demo / "anchors.jsonl", *model, "--out", plan, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(plan.read_text())
+    for key in ("scorer", "rule", "shots", "tau", "calibration", "prefix", "anchor_scores"):
+        assert written[key] == ran[key], key
+    assert written["shots"] == 2 and len(written["prefix"]) > 0
+
+    clients = sorted((demo / "clients").glob("client-*.jsonl"))
+    scoring = [
+        start("score", c, "--plan", plan, "--out", f"s-{i}.jsonl", cwd=tmp_path)
+        for i, c in enumerate(clients)
+    ]
+    assert all(finish(p).returncode == 0 for p in scoring)
+    decisions = []
+    for i, data in enumerate(clients):
+        kept = tmp_path / f"kept-{i}.jsonl"
+        args = ["--scores", f"s-{i}.jsonl", "--plan", plan, "--out", kept]
+        result = fedqc("filter", data, *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        local = [
+            json.loads(x) for x in (run_dir / "clients" / f"client-{i}" / "scores.jsonl").open()
+        ]
+        scores = [json.loads(x) for x in (tmp_path / f"s-{i}.jsonl").open()]
+        assert [r["score"] for r in scores] == [r["score"] for r in local]
+        kept_ids = [json.loads(x)["id"] for x in kept.open()]
+        assert kept_ids == [r["id"] for r in local if r["keep"]]
+        decisions += [r["keep"] for r in local]
+    assert any(decisions)  # not vacuous: the run kept samples (and the CLI the same ones)

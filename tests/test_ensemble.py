@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedqc.errors import FedqcError
-from fedqc.scoring.ensemble import calibrate, components, ensemble_scorer
+from fedqc.scoring.ensemble import Calibration, components, ensemble_scorer
 
 
 def test_components_parse_and_reject_bad_names():
@@ -19,7 +19,7 @@ def test_components_parse_and_reject_bad_names():
 def test_ensemble_is_the_mean_of_anchor_standardised_oriented_scores():
     anchor_cond = np.array([1.0, 1.2, 0.8, 1.1])
     anchor_bare = np.array([2.0, 2.2, 1.9, 2.4])
-    cal = calibrate("ensemble:cond-prob+ira", anchor_cond, anchor_bare)
+    cal = Calibration("ensemble:cond-prob+ira").fit(anchor_cond, anchor_bare).calibration_
     cond, bare = np.array([1.0, 3.0]), np.array([2.0, 3.1])
     expected = []
     for o_anchor, o in ((-anchor_cond, -cond), (anchor_bare - anchor_cond, bare - cond)):
@@ -43,7 +43,7 @@ def test_ensemble_min_is_the_weakest_link_and_skips_missing_components():
     anchor_end = np.array([0.1, 0.3, 0.2, 0.2])
     name = "ensemble-min:cond-prob+end-loss"
     assert [s.name for s in components(name)] == ["cond-prob", "end-loss"]
-    cal = calibrate(name, anchor_cond, anchor_bare, anchor_end)
+    cal = Calibration(name).fit(anchor_cond, anchor_bare, anchor_end).calibration_
     scorer = ensemble_scorer(name, cal)
     # sample 0: good loss, end-of-sequence unlikely (cut); 1: both fine; 2: truncated (no end)
     cond, bare, end = np.array([1.0, 1.0, 3.0]), np.ones(3), np.array([6.0, 0.2, np.nan])

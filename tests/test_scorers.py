@@ -11,13 +11,8 @@ from fedqc.data.encoding import encode, encode_all, token_budget_batches
 from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
-from fedqc.scoring.scorers import (
-    HIGHER_IS_BETTER,
-    LOWER_IS_BETTER,
-    SCORERS,
-    get_scorer,
-    score_samples,
-)
+from fedqc.scoring.formulas import HIGHER_IS_BETTER, LOWER_IS_BETTER, SCORERS
+from fedqc.scoring.scorers import get_scorer, score_samples
 
 MAX_LENGTH = 128
 BATCH_TOKENS = 160

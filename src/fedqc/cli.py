@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedqc.bench.command import bench
 from fedqc.config import Config, ModelConfig, QualityConfig, load_config
 from fedqc.errors import FedqcError
+from fedqc.terminal import ProgressStages, console, err_console, progress_bars, setup_logging
 
 app = typer.Typer(
     help="Data quality control for federated fine-tuning of LLMs, on Flower.",
@@ -28,70 +26,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Build federations.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.command()(bench)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [RichHandler(console=err_console, show_path=False)]
-    if log_file is not None:
-        file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
-        handlers.append(file_handler)
-    logging.basicConfig(level=logging.WARNING, handlers=handlers, format="%(message)s", force=True)
-    logging.getLogger("fedqc").setLevel(logging.INFO)
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.propagate = False  # Flower prints its own log, shown with --verbose only
-    flwr_log.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    flwr_log.addFilter(_HideSimulationDeprecation())
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-class _HideSimulationDeprecation(logging.Filter):
-    """Flower warnings about what fedqc does on purpose: the in-process simulation entry point,
-    and server-side (not federated) evaluation."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "run_simulation" not in message and "evaluation will be skipped" not in message
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    )
-
-
-class _ProgressStages:
-    """Server stages as rich progress bars: one bar per stage, finished when the next begins."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress, self.task = progress, None
-
-    def stage(self, description: str, total: int | None = None) -> None:
-        if self.task is not None:
-            self.progress.update(
-                self.task,
-                completed=self.progress.tasks[-1].total or 1,
-                total=self.progress.tasks[-1].total or 1,
-            )
-            self.progress.stop_task(self.task)
-        logging.getLogger("fedqc").info("%s", description)
-        self.task = self.progress.add_task(description, total=total)
-
-    def advance(self, n: int = 1) -> None:
-        if self.task is not None:
-            self.progress.advance(self.task, n)
+MODEL, QUALITY = ModelConfig(), QualityConfig()  # the run's defaults, as the commands' defaults
 
 
 def _refuse_overwrite(path: Path, force: bool) -> None:
@@ -147,10 +82,10 @@ def run(
         cfg, run_dir = open_run(config, set_, out, force, allow_empty, resume)
     from fedqc.federation.simulation import run_simulation
 
-    _setup_logging(verbose, run_dir / "fedqc.log")
+    setup_logging(verbose, run_dir / "fedqc.log")
     logging.getLogger("fedqc").info("run directory: %s", run_dir)
-    with _progress() as progress:
-        run_simulation(cfg, cfg.data.num_clients, stages=_ProgressStages(progress))
+    with progress_bars() as progress:
+        run_simulation(cfg, cfg.data.num_clients, stages=ProgressStages(progress))
     _print_summary(summarize(cfg), cfg)
     console.print(f"[bold]outputs:[/] {run_dir}")
 
@@ -241,15 +176,38 @@ WarmupOpt = Annotated[
 ]
 
 
+PlanOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A plan: threshold.json of `fedqc threshold --out` or of a run directory; score with "
+        "its scorer, calibration, shots and prefix."
+    ),
+]
+
+
 @app.command()
 def score(
     data: Annotated[Path, typer.Argument(help=SAMPLES_HELP)],
-    scorer: Annotated[
-        str, typer.Option(help="ppl, cond-prob, ifd, ira, or with --warmup: tracin, clues, ...")
-    ],
     out: Annotated[Path, typer.Option(help="Output SCORES.jsonl.")],
-    model: ModelOpt = "smollm2-135m",
-    max_length: MaxLenOpt = 256,
+    scorer: Annotated[
+        str | None,
+        typer.Option(
+            help="ppl, cond-prob, ifd, ira, or with --warmup: tracin, clues, ...; an ensemble "
+            "needs its --plan (the plan's scorer by default)."
+        ),
+    ] = None,
+    plan: PlanOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Registry name, local folder or HF hub id [default: the "
+            "plan's, else smollm2-135m]."
+        ),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Maximum tokens of prompt + response [default: the plan's, else 256]."),
+    ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
@@ -261,7 +219,14 @@ def score(
             "--shots: the anchors shown in context."
         ),
     ] = None,
-    shots: ShotsOpt = 0,
+    shots: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Forward scorers: show the first K anchors in context before each sample, as "
+            "quality.shots does in a run [default: the plan's, else 0].",
+        ),
+    ] = None,
     moments: Annotated[
         Path | None,
         typer.Option(
@@ -274,9 +239,18 @@ def score(
     from fedqc.data.samples import load_samples
     from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
-    _setup_logging(False)
-    chosen = any_scorer(_not_ensemble(scorer))
-    mcfg = _model_config(model, max_length, device, dtype)
+    setup_logging(False)
+    prefix: tuple[int, ...] | None = None
+    if plan is not None:
+        chosen, prefix, model, max_length = _plan_settings(
+            plan, scorer, shots, anchors, model, max_length
+        )
+    elif scorer is None:
+        raise FedqcError("give the scorer: --scorer NAME, or --plan threshold.json")
+    else:
+        chosen = any_scorer(_not_ensemble(scorer))
+    mcfg = _model_config(model or MODEL.name, max_length or MODEL.max_length, device, dtype)
+    shots = shots or 0
     if is_checkpoint_scorer(chosen.name):
         if warmup is not None and anchors is None:
             raise FedqcError(
@@ -299,8 +273,13 @@ def score(
     if is_checkpoint_scorer(chosen.name):
         scores = _score_at_checkpoints(warm, samples, load_samples(anchors), moments)
     else:
-        demos = load_samples(anchors) if shots else []
-        scores = _score(mcfg, samples, chosen, shots, demos)
+        loaded = _load(mcfg)
+        if prefix is None:
+            from fedqc.quality.plan import few_shot_prefix
+
+            demos = load_samples(anchors) if shots else []
+            prefix = few_shot_prefix(loaded, demos, shots, mcfg.max_length)
+        scores = _score(loaded, samples, chosen, mcfg.max_length, [prefix] * len(samples))
     with open(out, "w", encoding="utf-8") as fh:
         for s, value in zip(samples, scores.raw, strict=True):
             fh.write(
@@ -308,35 +287,73 @@ def score(
             )
     console.print(
         f"scored {len(samples)} samples with {chosen.name} → {out}"
-        + (f" ({scores.truncated} truncated to {max_length} tokens)" if scores.truncated else "")
+        + (
+            f" ({scores.truncated} truncated to {mcfg.max_length} tokens)"
+            if scores.truncated
+            else ""
+        )
     )
 
 
-def _score(mcfg: ModelConfig, samples, scorer, shots: int = 0, anchors=()):
-    """Forward scores; ``shots`` > 0: the first ``shots`` anchors in context (the anchors
-    themselves, when ``samples`` is ``anchors``, each without itself)."""
-    from fedqc.data.encoding import encode_all
+def _plan_settings(
+    path: Path,
+    scorer: str | None,
+    shots: int | None,
+    anchors: Path | None,
+    model: str | None,
+    max_length: int | None,
+):
+    """(scorer, prefix, model, max-length) of `fedqc score --plan`: the plan's, which the options
+    may not contradict."""
+    from fedqc.quality.plan import read_plan
+    from fedqc.scoring.scorers import is_checkpoint_scorer
+
+    plan = read_plan(path)
+    name = plan.scorer.name
+    if scorer is not None and scorer != name:
+        raise FedqcError(f"--scorer {scorer}: the plan {path} scores with {name}; drop --scorer")
+    if is_checkpoint_scorer(name):
+        raise FedqcError(
+            f"{path}: a plan of checkpoint scorer '{name}'; score at the run's warm-up "
+            f"checkpoints instead: fedqc score --scorer {name} --warmup RUN_DIR --anchors FILE"
+        )
+    if shots is not None or anchors is not None:
+        raise FedqcError(
+            f"{path}: the plan brings its shots ({plan.shots}) and their prefix; drop --shots "
+            "and --anchors"
+        )
+    for option, given, planned in (
+        ("--model", model, plan.model),
+        ("--max-length", max_length, plan.max_length),
+    ):
+        if given is not None and planned is not None and given != planned:
+            raise FedqcError(
+                f"{option} {given}: the plan {path} was made with {planned}; its prefix and τ "
+                f"hold for that only (drop {option})"
+            )
+    return plan.scorer, plan.prefix, model or plan.model, max_length or plan.max_length
+
+
+def _load(mcfg: ModelConfig):
     from fedqc.models.loading import load
-    from fedqc.scoring.scorers import score_samples
-    from fedqc.scoring.shots import anchor_prefixes, demonstrations
 
     with console.status(f"loading {mcfg.name}"):
-        loaded = load(mcfg)
-    prefixes = None
-    if shots:
-        encoded = encode_all(loaded.tokenizer, list(anchors), mcfg.max_length)
-        if samples is anchors:
-            prefixes = anchor_prefixes(encoded, shots)
-        else:
-            prefixes = [demonstrations(encoded, shots)] * len(samples)
+        return load(mcfg)
+
+
+def _score(loaded, samples, scorer, max_length: int, prefixes=None):
+    """Forward scores of ``samples`` with their ``prefixes`` (demonstrations), with a progress
+    bar."""
+    from fedqc.scoring.scorers import score_samples
+
     passes = 2 if scorer.needs_bare else 1
-    with _progress() as progress:
+    with progress_bars() as progress:
         task = progress.add_task(f"scoring ({scorer.name})", total=len(samples) * passes)
         return score_samples(
             loaded,
             samples,
             scorer,
-            mcfg.max_length,
+            max_length,
             on_batch=lambda n: progress.advance(task, n),
             prefixes=prefixes,
         )
@@ -398,7 +415,7 @@ def _score_at_checkpoints(warm, samples, anchors, moments: Path | None):
     with console.status(f"anchor side at {len(checkpoints)} checkpoints ({cfg.quality.scorer})"):
         info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
     q = cfg.quality
-    with _progress() as progress:
+    with progress_bars() as progress:
         task = progress.add_task(f"scoring ({q.scorer})", total=None)
         return score_with_checkpoints(
             loaded,
@@ -416,8 +433,8 @@ def _not_ensemble(scorer: str) -> str:
 
     if is_ensemble(scorer):
         raise FedqcError(
-            f"scorer '{scorer}' is calibrated on the anchors inside a run: use it with "
-            "fedqc run --set quality.scorer=...; fedqc score takes the single scorers"
+            f"scorer '{scorer}' is calibrated on the anchors: score with its plan, fedqc score "
+            "--plan threshold.json (from fedqc threshold --out, or a run directory)"
         )
     return scorer
 
@@ -430,28 +447,41 @@ def _finite(value: float) -> float | None:
 def threshold(
     anchors: Annotated[Path, typer.Argument(help="Trusted anchor samples.")],
     scorer: Annotated[
-        str, typer.Option(help="ppl, cond-prob, ifd, ira, or with --warmup: tracin, clues, ...")
-    ],
+        str,
+        typer.Option(
+            help="ppl, cond-prob, ifd, ira, an ensemble (ensemble-min:a+b+c, calibrated on the "
+            "anchors), or with --warmup: tracin, clues, ..."
+        ),
+    ] = QUALITY.scorer,
     rule: Annotated[
         str,
         typer.Option(
             help="anchor-mean, anchor-quantile:Q, anchor-conformal:A, anchor-gaussian:A or fixed:V."
         ),
-    ] = QualityConfig().rule,
-    model: ModelOpt = "smollm2-135m",
-    max_length: MaxLenOpt = 256,
+    ] = QUALITY.rule,
+    model: ModelOpt = MODEL.name,
+    max_length: MaxLenOpt = MODEL.max_length,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     warmup: WarmupOpt = None,
-    shots: ShotsOpt = 0,
+    shots: ShotsOpt = QUALITY.shots,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the plan, threshold.json as `fedqc run` writes it, for `fedqc score "
+            "--plan` and `fedqc filter --plan`."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
     from fedqc.data.samples import load_samples
-    from fedqc.quality.rules import global_threshold, guarantee, parse_rule
+    from fedqc.quality.plan import plan_from_anchors, plan_from_scores, plan_shots, write_plan
+    from fedqc.quality.rules import parse_rule
     from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
-    _setup_logging(False)
-    chosen, parsed = any_scorer(_not_ensemble(scorer)), parse_rule(rule)
+    setup_logging(False)
+    chosen, parsed = any_scorer(scorer), parse_rule(rule)
     mcfg = _model_config(model, max_length, device, dtype)
     if not parsed.is_global:
         raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
@@ -460,32 +490,57 @@ def threshold(
             f"rule '{rule}' is fitted to the clients' score histograms inside a run: use it "
             "with fedqc run --set quality.rule=mixture"
         )
+    if out is not None:
+        _refuse_overwrite(out, force)
+    anchor_samples = load_samples(anchors)
     if is_checkpoint_scorer(chosen.name):
         from fedqc.federation.warmup import anchor_side
 
         cfg, loaded, checkpoints = _warmup(chosen.name, warmup, mcfg)
         with console.status(f"scoring anchors at {len(checkpoints)} checkpoints ({chosen.name})"):
-            _, scores = anchor_side(
-                cfg, loaded, load_samples(anchors), checkpoints, with_scores=True
-            )
-    elif parsed.needs_anchors:
-        anchor_samples = load_samples(anchors)
-        scores = _score(mcfg, anchor_samples, chosen, shots, anchor_samples)
+            _, scores = anchor_side(cfg, loaded, anchor_samples, checkpoints, with_scores=True)
+        plan = plan_from_scores(chosen, parsed, scores)
     else:
-        scores = None
-    tau = global_threshold(parsed, chosen, None if scores is None else scores.oriented)
-    keep = "≥" if chosen.direction > 0 else "≤"
-    err_console.print(f"{chosen.name} {parsed}: keep samples with {chosen.name} {keep} τ")
-    err_console.print(guarantee(parsed, None if scores is None else scores.oriented))
-    print(f"{chosen.raw(tau):.6g}")
+        loaded = _load(mcfg)
+        passes = (2 if chosen.needs_bare else 1) if parsed.needs_anchors else 0
+        with progress_bars() as progress:
+            task = progress.add_task(
+                f"scoring anchors ({chosen.name})", total=len(anchor_samples) * passes
+            )
+            plan = plan_from_anchors(
+                loaded,
+                anchor_samples,
+                chosen,
+                parsed,
+                shots=plan_shots(chosen.name, shots, True),
+                max_length=mcfg.max_length,
+                on_batch=lambda n: progress.advance(task, n),
+            )
+    if out is not None:
+        write_plan(
+            out,
+            plan,
+            model=mcfg.name,
+            max_length=mcfg.max_length,
+            placement=loaded.placement.describe(),
+        )
+    name, keep = plan.scorer.name, "≥" if plan.scorer.direction > 0 else "≤"
+    err_console.print(f"{name} {parsed}: keep samples with {name} {keep} τ")
+    err_console.print(plan.guarantee)
+    print(f"{plan.scorer.raw(plan.tau):.6g}")
 
 
 @app.command(name="filter")
 def filter_(
     data: Annotated[Path, typer.Argument(help=SAMPLES_HELP)],
     scores: Annotated[Path, typer.Option(help="SCORES.jsonl from `fedqc score`.")],
-    threshold: Annotated[float, typer.Option(help="τ in the scorer's units (`fedqc threshold`).")],
     out: Annotated[Path, typer.Option(help="Output KEPT: .jsonl, .json, .csv or .parquet.")],
+    threshold: Annotated[
+        float | None, typer.Option(help="τ in the scorer's units (`fedqc threshold`).")
+    ] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="Take τ from this plan (threshold.json).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
 ) -> None:
     """Keep the samples whose score passes τ; writes them unchanged, in the format of --out."""
@@ -496,6 +551,16 @@ def filter_(
     from fedqc.quality.selection import select
     from fedqc.scoring.scorers import any_scorer
 
+    if (threshold is None) == (plan is None):
+        raise FedqcError("give τ: --threshold T (fedqc threshold) or --plan threshold.json")
+    planned = None
+    if plan is not None:
+        from fedqc.quality.plan import read_plan
+
+        planned = read_plan(plan)
+        if planned.tau_raw is None:
+            raise FedqcError(f"{plan}: its rule sets no global τ (each client drops its own)")
+        threshold = planned.tau_raw
     if not math.isfinite(threshold):
         raise FedqcError(f"--threshold {threshold}: τ must be a finite number (fedqc threshold)")
     check_output(out)
@@ -506,6 +571,11 @@ def filter_(
     ids, values, scorer_name = read_scores(scores)
     if ids != [s.id for s, _ in records]:
         raise FedqcError(f"{scores}: its ids do not match {data} line for line; re-run fedqc score")
+    if planned is not None and planned.scorer.name != scorer_name:
+        raise FedqcError(
+            f"{scores}: scored with {scorer_name}, the plan {plan} with {planned.scorer.name}; "
+            f"score with fedqc score --plan {plan}"
+        )
     scorer = any_scorer(scorer_name)
     selection = select(
         scorer.orient(np.array(values, dtype=np.float64)), tau=scorer.direction * threshold

@@ -1,4 +1,4 @@
-"""The `fedqc bench` command (registered in :mod:`fedqc.cli`)."""
+"""The `fedqc bench` command, registered in :mod:`fedqc.cli`."""
 
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def bench(
     short training, tables, plots and report.html."""
     from fedqc.bench.config import load_bench_config
     from fedqc.bench.run import run_bench
-    from fedqc.cli import _progress, _ProgressStages, _setup_logging, console
     from fedqc.models.loading import resolve
     from fedqc.pipeline import new_run_dir
+    from fedqc.terminal import ProgressStages, console, progress_bars, setup_logging
 
     if quick and full:
         raise FedqcError("choose one profile: --quick or --full")
@@ -58,20 +58,20 @@ def bench(
             raise FedqcError(f"--draws {draws}: give a number of anchor draws ≥ 1, e.g. --draws 40")
         options.check_plans(cfg.quality.shots, cfg.data.num_anchors)
     run_dir = new_run_dir(out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}", force)
-    _setup_logging(verbose, run_dir / "fedqc.log")
+    setup_logging(verbose, run_dir / "fedqc.log")
     with console.status("preparing the model (the first run converts SmolLM2 once)"):
         resolve(cfg.model.name)
     command = "fedqc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if draws is not None:
         from fedqc.bench.draws import run_draws
 
-        with _progress() as progress:
-            text = run_draws(cfg, options, run_dir, draws, _ProgressStages(progress), command)
+        with progress_bars() as progress:
+            text = run_draws(cfg, options, run_dir, draws, ProgressStages(progress), command)
         console.print(text, markup=False, highlight=False)
         console.print(f"[bold]outputs:[/] {run_dir}/results.md, results.csv")
         return
-    with _progress() as progress:
-        result = run_bench(cfg, options, run_dir, _ProgressStages(progress), command)
+    with progress_bars() as progress:
+        result = run_bench(cfg, options, run_dir, ProgressStages(progress), command)
     _print(result, console)
     console.print(f"[bold]outputs:[/] {run_dir}/results.md, results.csv, report.html, plots/")
 

@@ -21,7 +21,7 @@ from fedqc.bench.arms import Arm, auc, outcome_metrics, run_arm
 from fedqc.bench.pool import BenchData, Losses
 from fedqc.data.partition import Member, Partition, assemble, corrupted_counts
 from fedqc.errors import FedqcError
-from fedqc.scoring.ensemble import calibrate, is_ensemble
+from fedqc.scoring.ensemble import Calibration, is_ensemble
 from fedqc.scoring.scorers import get_scorer
 
 NA = "n/a"
@@ -115,7 +115,7 @@ class ForwardScores:
             scorer = get_scorer(self.name)
             if key is not None:
                 a = self._anchor_losses.take(anchors)
-                scorer = get_scorer(self.name, calibrate(self.name, a.cond, a.bare, a.end))
+                scorer = Calibration(self.name).fit(a.cond, a.bare, a.end).scorer()
             with np.errstate(all="ignore"):
                 pool = scorer.orient(
                     scorer.formula(self._losses.cond, self._losses.bare, self._losses.end)

@@ -24,8 +24,9 @@ from fedqc.data.samples import Sample, load_samples
 from fedqc.errors import FedqcError
 from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
+from fedqc.quality.plan import encode_anchors
 from fedqc.scoring.scorers import get_scorer
-from fedqc.scoring.shots import anchor_prefixes, demonstrations, log_demonstrations
+from fedqc.scoring.shots import anchor_prefixes, demonstrations
 
 
 @dataclass
@@ -155,8 +156,7 @@ def score_pool(
     in its own place (as the server scores its anchors)."""
     entries = data.entries()
     max_length, batch_tokens = cfg.model.max_length, cfg.quality.batch_tokens
-    encoded_anchors = encode_all(loaded.tokenizer, data.anchors, max_length)
-    log_demonstrations(encoded_anchors, shots, max_length)
+    encoded_anchors = encode_anchors(loaded, data.anchors, shots, max_length)
     demos = demonstrations(encoded_anchors, shots)
     stages.stage(
         f"scoring the pool: {len(entries)} samples, ℓ(r|q) and ℓ(r), {shots} shots",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedqc.data.corrupt import cut, deletion, exchange
 from fedqc.errors import FedqcError
-from fedqc.models.assets import sha256_of
+from fedqc.files import sha256_of
 
 GSM8K_FILE = "data/gsm8k/test.jsonl"
 GSM8K_SHA256 = "752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac"

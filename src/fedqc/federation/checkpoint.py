@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedqc.errors import FedqcError
-from fedqc.models.assets import sha256_of
+from fedqc.files import sha256_of
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"

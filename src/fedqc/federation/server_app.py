@@ -56,17 +56,16 @@ from fedqc.federation.warmup import (
     run_warmup,
 )
 from fedqc.models.loading import load, set_adapter_state
-from fedqc.quality.mixture import histogram_edges
-from fedqc.quality.rules import Rule, global_threshold, guarantee, parse_rule
-from fedqc.scoring.ensemble import calibrate, is_ensemble
-from fedqc.scoring.scorers import (
-    any_scorer,
-    batch_tokens_for,
-    get_scorer,
-    is_checkpoint_scorer,
-    score_samples,
+from fedqc.quality.plan import (
+    few_shot_prefix,
+    plan_from_anchors,
+    plan_shots,
+    write_json,
+    write_plan,
 )
-from fedqc.scoring.shots import anchor_prefixes, demonstrations, log_demonstrations
+from fedqc.quality.rules import Rule, parse_rule
+from fedqc.scoring.ensemble import is_ensemble
+from fedqc.scoring.scorers import any_scorer, batch_tokens_for, is_checkpoint_scorer
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
@@ -146,23 +145,10 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         )
         history.extend(rows)
 
-    # Phase 1, server: score the anchors and set τ (a resumed run reuses the saved τ).
-    anchor_oriented, extra, records = None, {}, {}
-    if resumed is not None and not is_ensemble(scorer.name):
-        tau = resumed[0]["tau"]
-        log.info("resuming after round %d with the saved τ", resumed[0]["round"])
-        if checkpoints is not None:
-            anchors = _anchors(cfg, f"scorer '{scorer.name}'")
-            info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
-            extra, records = query_payload(checkpoints, info)
-        shots = _few_shot(cfg, checkpoints)
-        if shots:
-            encoded = _encoded_anchors(cfg, loaded, _anchors(cfg, "quality.shots"), shots)
-            extra["prefix"] = list(demonstrations(encoded, shots))
-    else:
-        scorer, tau, anchor_oriented, extra, records = _threshold(
-            cfg, loaded, scorer, rule, run_dir, stages, checkpoints
-        )
+    # Phase 1, server: the anchor plan sets τ (a resumed run reuses the saved τ).
+    scorer, tau, anchor_oriented, extra, records = _phase1_server(
+        cfg, loaded, scorer, rule, run_dir, stages, checkpoints, resumed
+    )
 
     # Phase 1, clients: the query round carries τ (or the mixture's bin edges), the scorer
     # settings and the initial adapter (checkpoint scorers: also the checkpoints, anchor info).
@@ -185,7 +171,7 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         grid, nodes, cfg, qc, {"arrays": initial, **records}, scorer, anchor_oriented, run_dir
     )
     tau, selection = phase1.tau, _selection(phase1, rule)
-    _write_json(run_dir / "selection.json", selection)
+    write_json(run_dir / "selection.json", selection)
     if resumed is not None and cfg.quality.dp_epsilon <= 0:
         _check_same_selection(resumed[0]["selection"], selection)
     sums = phase1.sums
@@ -261,117 +247,76 @@ def _anchors(cfg: Config, who: str) -> list:
     return load_samples(cfg.data.anchors)
 
 
-def _few_shot(cfg: Config, checkpoints) -> int:
-    """How many anchors the forward scorers show in context: 0 for a checkpoint scorer, and for
-    a run without anchors (said in the log)."""
-    if checkpoints is not None or not cfg.quality.shots:
-        return 0
-    if not cfg.data.anchors:
-        log.info(
-            "no anchor set (data.anchors): forward scores are zero-shot, not %d-shot",
-            cfg.quality.shots,
-        )
-        return 0
-    return cfg.quality.shots
-
-
-def _encoded_anchors(cfg: Config, loaded, anchors: list, shots: int) -> list:
-    """The anchors encoded for scoring and as demonstrations."""
-    encoded = encode_all(loaded.tokenizer, anchors, cfg.model.max_length)
-    log_demonstrations(encoded, shots, cfg.model.max_length)
-    return encoded
-
-
-def _threshold(
-    cfg: Config, loaded, scorer, rule, run_dir: Path, stages: Stages, checkpoints
+def _phase1_server(
+    cfg: Config, loaded, scorer, rule: Rule, run_dir: Path, stages: Stages, checkpoints, resumed
 ) -> tuple:
     """(the scorer, calibrated on the anchors if it is an ensemble; τ on the oriented scale, None
     for drop-fraction and for mixture (fitted after the histograms); the anchors' oriented scores;
-    extra query config; extra query records).
+    extra query config; extra query records), from the anchor plan
+    (:func:`fedqc.quality.plan.plan_from_anchors`), written to threshold.json.
 
     Checkpoint scorers: the anchor info is always needed (the anchors' mean gradients or tokens);
     the anchors are scored at the same checkpoints when the rule needs their scores.
     """
-    anchor_scores, extra, records = None, {}, {}
-    shots = _few_shot(cfg, checkpoints)
-    if checkpoints is not None:
-        anchors = _anchors(cfg, f"scorer '{scorer.name}'")
-        stages.stage(
-            f"phase 1: {len(anchors)} anchors at {len(checkpoints)} warm-up checkpoints "
-            f"({scorer.name})"
-        )
+    checkpoint = checkpoints is not None
+    shots = plan_shots(scorer.name, cfg.quality.shots, bool(cfg.data.anchors))
+    anchors = None
+    if checkpoint or rule.needs_anchors or shots:
+        anchors = _anchors(cfg, f"scorer '{scorer.name}'" if checkpoint else f"rule '{rule}'")
+    extra, records, anchor_scores = {}, {}, None
+    fresh = resumed is None or is_ensemble(scorer.name)
+    if checkpoint:
+        if fresh:
+            stages.stage(
+                f"phase 1: {len(anchors)} anchors at {len(checkpoints)} warm-up checkpoints "
+                f"({scorer.name})"
+            )
         info, anchor_scores = anchor_side(
-            cfg, loaded, anchors, checkpoints, with_scores=rule.needs_anchors
+            cfg, loaded, anchors, checkpoints, with_scores=fresh and rule.needs_anchors
         )
         extra, records = query_payload(checkpoints, info)
-    elif rule.needs_anchors or shots:
-        anchors = _anchors(cfg, f"rule '{rule}'")
-        encoded = _encoded_anchors(cfg, loaded, anchors, shots)
-        if shots:
-            extra["prefix"] = list(demonstrations(encoded, shots))
-        if rule.needs_anchors:
-            stages.stage(
-                f"phase 1: scoring {len(anchors)} anchors ({scorer.name}, {shots} shots)",
-                len(anchors) * (2 if scorer.needs_bare else 1),
-            )
-            anchor_scores = score_samples(
-                loaded,
-                anchors,
-                scorer,
-                cfg.model.max_length,
-                cfg.quality.batch_tokens,
-                on_batch=stages.advance,
-                prefixes=anchor_prefixes(encoded, shots),
-            )
-            if is_ensemble(scorer.name):
-                a = anchor_scores
-                cal = calibrate(scorer.name, a.cond_loss, a.bare_loss, a.end_loss)
-                scorer = get_scorer(scorer.name, cal)
-                raw = scorer.formula(a.cond_loss, a.bare_loss, a.end_loss)
-                anchor_scores.raw, anchor_scores.oriented = raw, scorer.orient(raw)
-    if anchor_scores is not None and anchor_scores.truncated:
-        log.warning(
-            "%d of %d anchors are longer than model.max-length = %d: scored truncated",
-            anchor_scores.truncated,
-            len(anchor_scores.raw),
-            cfg.model.max_length,
+    if not fresh:
+        log.info("resuming after round %d with the saved τ", resumed[0]["round"])
+        prefix = few_shot_prefix(loaded, anchors, shots, cfg.model.max_length)
+        return scorer, resumed[0]["tau"], None, extra | _prefix(prefix), records
+    if not checkpoint and rule.needs_anchors:
+        stages.stage(
+            f"phase 1: scoring {len(anchors)} anchors ({scorer.name}, {shots} shots)",
+            len(anchors) * (2 if scorer.needs_bare else 1),
         )
-    oriented = None if anchor_scores is None else anchor_scores.oriented
-    if rule.needs_histograms:
-        tau, extra["edges"] = None, histogram_edges(oriented).tolist()
-    else:
-        tau = global_threshold(rule, scorer, oriented)
-    _write_json(
-        run_dir / "threshold.json",
-        {
-            "scorer": scorer.name,
-            "direction": "higher is better" if scorer.direction > 0 else "lower is better",
-            "rule": str(rule),
-            "shots": shots,
-            "placement": loaded.placement.describe(),
-            "guarantee": guarantee(rule, oriented),
-            "tau": tau,
-            "tau_raw": None if tau is None else scorer.raw(tau),
-            "anchor_scores": None
-            if anchor_scores is None
-            else [None if not math.isfinite(x) else x for x in anchor_scores.raw.tolist()],
-            "anchors_truncated": None if anchor_scores is None else anchor_scores.truncated,
-            "calibration": getattr(scorer, "calibration", None),
-            **({"edges": extra["edges"]} if "edges" in extra else {}),
-            **(
-                {
-                    "fingerprint": extra["fingerprint"],
-                    "warmup_rounds": len(checkpoints),
-                    "checkpoint_lrs": extra["checkpoint-lrs"],
-                }
-                if checkpoints is not None
-                else {}
-            ),
-        },
+    plan = plan_from_anchors(
+        loaded,
+        anchors,
+        scorer,
+        rule,
+        shots=shots,
+        max_length=cfg.model.max_length,
+        batch_tokens=cfg.quality.batch_tokens,
+        on_batch=stages.advance,
+        anchor_scores=anchor_scores,
     )
-    if tau is not None:
-        log.info("phase 1: τ = %.5g (%s, raw %s = %.5g)", tau, rule, scorer.name, scorer.raw(tau))
-    return scorer, tau, oriented, extra, records
+    write_plan(
+        run_dir / "threshold.json",
+        plan,
+        model=cfg.model.name,
+        max_length=cfg.model.max_length,
+        placement=loaded.placement.describe(),
+        **(
+            {
+                "fingerprint": extra["fingerprint"],
+                "warmup_rounds": len(checkpoints),
+                "checkpoint_lrs": extra["checkpoint-lrs"],
+            }
+            if checkpoint
+            else {}
+        ),
+    )
+    extra |= _prefix(plan.prefix) | ({"edges": plan.edges} if plan.edges is not None else {})
+    return plan.scorer, plan.tau, plan.anchor_oriented, extra, records
+
+
+def _prefix(prefix: tuple[int, ...]) -> dict:
+    return {"prefix": list(prefix)} if prefix else {}
 
 
 def _record_budget(
@@ -384,7 +329,7 @@ def _record_budget(
     rounds = 1 + sum(e["phase"] == QUERY_SCORE for e in earlier)
     budget = privacy_budget(cfg.quality.dp_epsilon, rule.needs_histograms, warmup, rounds)
     path = run_dir / "threshold.json"
-    _write_json(path, json.loads(path.read_text()) | {"privacy_budget": budget})
+    write_json(path, json.loads(path.read_text()) | {"privacy_budget": budget})
     if budget is not None:
         log.info(
             "privacy: ε = %.4g per client for the counts (basic composition, %d releases × "
@@ -559,7 +504,7 @@ def _train(
         evaluate_fn(0, start)
     set_adapter_state(loaded.model, final["arrays"].to_torch_state_dict())
     loaded.model.save_pretrained(run_dir / "adapter")
-    _write_json(run_dir / "participation.json", grid.exchanges)
+    write_json(run_dir / "participation.json", grid.exchanges)
     _write_history(run_dir, history)
 
 
@@ -599,7 +544,7 @@ def wait_for_nodes(grid: Grid, expected: int, minimum: int, join_timeout: float)
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
-    _write_json(run_dir / "metrics.json", history)
+    write_json(run_dir / "metrics.json", history)
     keys = list(dict.fromkeys(k for row in history for k in row))
     with open(run_dir / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
@@ -608,10 +553,6 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
             writer.writerow(
                 {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()}
             )
-
-
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 app = build_server_app()

@@ -50,7 +50,7 @@ from fedqc.errors import FedqcError
 from fedqc.federation.checkpoint import has_checkpoint
 from fedqc.federation.protocol import ANCHOR_INFO_RECORD, CHECKPOINT_RECORD, TRAIN_WARMUP
 from fedqc.federation.strategy import ParticipationGrid, build_strategy
-from fedqc.models.assets import sha256_of
+from fedqc.files import sha256_of
 from fedqc.models.loading import LoadedModel, set_adapter_state
 from fedqc.scoring.checkpointed import AnchorInfo, prepare_anchor_info, score_with_checkpoints
 from fedqc.scoring.gradient import Checkpoint, ScoringSettings, applied, moments_from_optimizer

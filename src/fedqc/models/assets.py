@@ -7,7 +7,6 @@ once by transformers and saved as a plain Hugging Face folder in the cache (late
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from fedqc.errors import FedqcError
+from fedqc.files import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ def cache_dir() -> Path:
     """Where converted models live: ``$FEDQC_CACHE`` or ``~/.cache/fedqc`` (also when the
     variable is set but empty, as ``FEDQC_CACHE= fedqc ...`` does: not the working directory)."""
     return Path(os.environ.get("FEDQC_CACHE") or Path.home() / ".cache" / "fedqc")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def smollm2_folder() -> Path:

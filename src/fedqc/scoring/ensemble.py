@@ -10,7 +10,7 @@ Each component's oriented score is standardised by the anchors' median and stand
   averaging out. A component with no value for a sample (end-loss of a truncated sample) is left
   out of its minimum.
 
-The server computes the calibration from its anchors and sends it with the scorer settings, so
+The server fits the :class:`Calibration` on its anchors and sends it with the scorer settings, so
 clients combine their scores on exactly the anchors' scale.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedqc.errors import FedqcError
-from fedqc.scoring.scorers import ENSEMBLE_PREFIXES, HIGHER_IS_BETTER, SCORERS, Scorer
+from fedqc.scoring.formulas import ENSEMBLE_PREFIXES, HIGHER_IS_BETTER, SCORERS, Scorer
 
 COMBINATIONS = dict(zip(ENSEMBLE_PREFIXES, ("mean", "min"), strict=True))
 
@@ -44,26 +44,48 @@ def components(name: str) -> list[Scorer]:
     return [SCORERS[p] for p in parts]
 
 
-def calibrate(
-    name: str, cond_loss: np.ndarray, bare_loss: np.ndarray, end_loss: np.ndarray | None = None
-) -> list[float]:
-    """[center_1, scale_1, center_2, scale_2, ...] from the anchors' losses."""
-    calibration = []
-    for scorer in components(name):
+class Calibration:
+    """The anchors' standardisation of an ensemble, in scikit-learn's fit/transform manner:
+    :meth:`fit` on the anchors' losses sets ``calibration_`` ([center_1, scale_1, center_2, ...]:
+    each component's median and standard deviation of its oriented score); :meth:`scorer` is the
+    calibrated ensemble and :meth:`transform` its scores of any samples' losses."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.components = components(name)
+
+    def fit(
+        self, cond_loss: np.ndarray, bare_loss: np.ndarray, end_loss: np.ndarray | None = None
+    ) -> Calibration:
+        calibration = []
+        for scorer in self.components:
+            with np.errstate(all="ignore"):
+                oriented = scorer.orient(scorer.formula(cond_loss, bare_loss, end_loss))
+            finite = oriented[np.isfinite(oriented)]
+            if finite.size < 2:
+                hint = (
+                    " (end-loss has no value for an anchor cut at model.max-length: raise it)"
+                    if scorer.name == "end-loss"
+                    else ""
+                )
+                raise FedqcError(
+                    f"scorer '{self.name}' needs at least 2 anchors with a finite "
+                    f"{scorer.name}{hint}"
+                )
+            calibration += [float(np.median(finite)), max(float(np.std(finite)), 1e-6)]
+        self.calibration_ = calibration
+        return self
+
+    def scorer(self) -> Scorer:
+        """The calibrated ensemble (fitted first)."""
+        return ensemble_scorer(self.name, self.calibration_)
+
+    def transform(
+        self, cond_loss: np.ndarray, bare_loss: np.ndarray, end_loss: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The calibrated ensemble's scores (raw = oriented: higher is better)."""
         with np.errstate(all="ignore"):
-            oriented = scorer.orient(scorer.formula(cond_loss, bare_loss, end_loss))
-        finite = oriented[np.isfinite(oriented)]
-        if finite.size < 2:
-            hint = (
-                " (end-loss has no value for an anchor cut at model.max-length: raise it)"
-                if scorer.name == "end-loss"
-                else ""
-            )
-            raise FedqcError(
-                f"scorer '{name}' needs at least 2 anchors with a finite {scorer.name}{hint}"
-            )
-        calibration += [float(np.median(finite)), max(float(np.std(finite)), 1e-6)]
-    return calibration
+            return self.scorer().formula(cond_loss, bare_loss, end_loss).astype(np.float64)
 
 
 def ensemble_scorer(name: str, calibration: list[float]) -> Scorer:

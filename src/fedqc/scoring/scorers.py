@@ -1,11 +1,10 @@
-"""The forward-only scorers, computed from per-sample token-mean response losses.
+"""Every scorer by name, and forward scoring of samples.
 
-ℓ(r|q) is the mean NLL of the response given the prompt, ℓ(r) the same with an empty instruction,
-and ℓ_end the NLL of the end-of-sequence token after the response (from the same pass as ℓ(r|q)).
-Each scorer declares its direction once; thresholds and filters use the *oriented* score
-(direction × raw score), where higher always means better. The scorers computed at warm-up
-checkpoints (gradient, influence and in-context scores, ``fedqc.scoring.checkpointed``) declare
-their directions here too, in ``CHECKPOINT_SCORERS``.
+The forward-only scorers' formulas are in :mod:`fedqc.scoring.formulas`, their anchor-calibrated
+ensembles in :mod:`fedqc.scoring.ensemble`. The scorers computed at warm-up checkpoints (gradient,
+influence and in-context scores, ``fedqc.scoring.checkpointed``) declare their directions here, in
+``CHECKPOINT_SCORERS``. Thresholds and filters use the *oriented* score (direction × raw score),
+where higher always means better.
 """
 
 from __future__ import annotations
@@ -20,96 +19,27 @@ from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
 from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
-
-HIGHER_IS_BETTER, LOWER_IS_BETTER = 1, -1
-# Ensemble scorer names start with one of these (``fedqc.scoring.ensemble``: mean, minimum).
-ENSEMBLE_PREFIXES = ("ensemble:", "ensemble-min:")
-
-
-def _needs_end(end: np.ndarray | None) -> np.ndarray:
-    if end is None:
-        raise ValueError("end-loss needs the end-of-sequence NLL (response_losses)")
-    return end
-
-
-@dataclass(frozen=True)
-class Scorer:
-    name: str
-    direction: int
-    needs_bare: bool  # needs ℓ(r), the pass over the response with an empty instruction
-    formula: Callable[..., np.ndarray]  # (ℓ(r|q), ℓ(r), ℓ_end) -> raw score
-    description: str
-    calibration: list[float] | None = None  # ensembles: the anchors' (center, scale) per part
-
-    def orient(self, raw: np.ndarray) -> np.ndarray:
-        return self.direction * raw
-
-    def raw(self, oriented: float) -> float:
-        return self.direction * oriented
-
-
-SCORERS: dict[str, Scorer] = {
-    s.name: s
-    for s in [
-        Scorer(
-            "ppl",
-            LOWER_IS_BETTER,
-            False,
-            lambda c, b, e=None: np.exp(c),
-            "perplexity of the response given the prompt, exp ℓ(r|q)",
-        ),
-        Scorer(
-            "cond-prob",
-            HIGHER_IS_BETTER,
-            False,
-            lambda c, b, e=None: -c,
-            "mean log-probability of the response given the prompt, −ℓ(r|q)",
-        ),
-        Scorer(
-            "ifd",
-            LOWER_IS_BETTER,
-            True,
-            lambda c, b, e=None: c / b,
-            "instruction-following difficulty ℓ(r|q)/ℓ(r) (Cherry LLM); ≥ 1: prompt does not help",
-        ),
-        Scorer(
-            "ira",
-            HIGHER_IS_BETTER,
-            True,
-            lambda c, b, e=None: b - c,
-            "instruction-response alignment ℓ(r) − ℓ(r|q) (FedDQC), per-token means",
-        ),
-        Scorer(
-            "end-loss",
-            LOWER_IS_BETTER,
-            False,
-            lambda c, b, e=None: _needs_end(e),
-            "NLL of the end-of-sequence token after the response: high where it stops mid-way "
-            "(cut); NaN for a truncated sample",
-        ),
-    ]
-}
+from fedqc.scoring.ensemble import components, ensemble_scorer
+from fedqc.scoring.formulas import (
+    ENSEMBLE_PREFIXES,
+    HIGHER_IS_BETTER,
+    SCORERS,
+    Directed,
+    Scorer,
+    by_name,
+)
 
 
 @dataclass(frozen=True)
-class CheckpointScorer:
+class CheckpointScorer(Directed):
     """A scorer computed at the warm-up checkpoints (``fedqc.scoring.checkpointed``)."""
 
-    name: str
-    direction: int
     needs: str  # "gradients" (anchor directions), "datainf", "prefix" (icl) or "tasks" (nuggets)
     description: str
 
-    def orient(self, raw: np.ndarray) -> np.ndarray:
-        return self.direction * raw
 
-    def raw(self, oriented: float) -> float:
-        return self.direction * oriented
-
-
-CHECKPOINT_SCORERS: dict[str, CheckpointScorer] = {
-    s.name: s
-    for s in [
+CHECKPOINT_SCORERS: dict[str, CheckpointScorer] = by_name(
+    [
         CheckpointScorer(
             "tracin",
             HIGHER_IS_BETTER,
@@ -147,7 +77,7 @@ CHECKPOINT_SCORERS: dict[str, CheckpointScorer] = {
             "NUGGETS: share of anchor tasks whose answer loss drops with z as one-shot demo (slow)",
         ),
     ]
-}
+)
 
 
 def get_checkpoint_scorer(name: str) -> CheckpointScorer:
@@ -186,8 +116,6 @@ def get_scorer(name: str, calibration: list[float] | None = None) -> Scorer:
     """A scorer by name; an ensemble (``ensemble:a+b``, ``ensemble-min:a+b``) takes its anchor
     calibration (unit scales if None)."""
     if name.startswith(ENSEMBLE_PREFIXES):
-        from fedqc.scoring.ensemble import components, ensemble_scorer
-
         return ensemble_scorer(name, calibration or [0.0, 1.0] * len(components(name)))
     if name not in SCORERS:
         raise FedqcError(f"unknown scorer '{name}'; choose one of: {', '.join(SCORERS)}")

@@ -1,0 +1,249 @@
+"""The anchor plan: what the server makes of its trusted anchors before any client scores.
+
+:func:`plan_from_anchors` is the one place that turns the anchors into
+
+- the scorer, an ensemble calibrated on the anchors (:class:`fedqc.scoring.ensemble.Calibration`);
+- the few-shot prefix: the first ``shots`` anchors' token ids, shown before every client sample;
+- the anchors' own scores (each anchor with the demonstrations, itself replaced by the next one);
+- τ on the oriented scale (None for ``drop-fraction``, and for ``mixture``, whose τ is fitted to
+  the clients' histograms over the plan's bin edges) and the guarantee in words.
+
+`fedqc run`'s server, `fedqc threshold` and the bench use it. threshold.json is its record
+(:func:`write_plan`); `fedqc score --plan` and `fedqc filter --plan` read it back
+(:func:`read_plan`), so a site scoring step by step decides exactly as a run's client does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedqc.data.encoding import Encoded, encode_all
+from fedqc.data.samples import Sample
+from fedqc.errors import FedqcError
+from fedqc.models.loading import LoadedModel
+from fedqc.quality.mixture import histogram_edges
+from fedqc.quality.rules import Rule, global_threshold, guarantee, parse_rule
+from fedqc.scoring.ensemble import Calibration, is_ensemble
+from fedqc.scoring.scorers import (
+    CheckpointScorer,
+    Scorer,
+    Scores,
+    any_scorer,
+    get_scorer,
+    is_checkpoint_scorer,
+    score_samples,
+)
+from fedqc.scoring.shots import anchor_prefixes, demonstrations, log_demonstrations
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnchorPlan:
+    scorer: Scorer | CheckpointScorer  # an ensemble: calibrated on the anchors
+    rule: Rule
+    shots: int
+    prefix: tuple[int, ...]  # the demonstrations' token ids, in front of every client sample
+    anchor_scores: Scores | None  # None where the rule needs no anchors
+    tau: float | None  # oriented; None: drop-fraction, or mixture before the clients' histograms
+    guarantee: str
+    edges: list[float] | None = None  # mixture: the histogram bins' edges
+
+    @property
+    def anchor_oriented(self) -> np.ndarray | None:
+        return None if self.anchor_scores is None else self.anchor_scores.oriented
+
+    @property
+    def calibration(self) -> list[float] | None:
+        return getattr(self.scorer, "calibration", None)
+
+    def record(self) -> dict:
+        """threshold.json's fields of the plan."""
+        a, s = self.anchor_scores, self.scorer
+        return {
+            "scorer": s.name,
+            "direction": "higher is better" if s.direction > 0 else "lower is better",
+            "rule": str(self.rule),
+            "shots": self.shots,
+            "guarantee": self.guarantee,
+            "tau": self.tau,
+            "tau_raw": None if self.tau is None else s.raw(self.tau),
+            "anchor_scores": None if a is None else [_finite(x) for x in a.raw.tolist()],
+            "anchors_truncated": None if a is None else a.truncated,
+            "calibration": self.calibration,
+            "prefix": list(self.prefix),
+            **({"edges": self.edges} if self.edges is not None else {}),
+        }
+
+
+def plan_shots(scorer: str, shots: int, has_anchors: bool) -> int:
+    """How many anchors a scorer shows in context: none for a checkpoint scorer, and none without
+    an anchor set (said in the log)."""
+    if is_checkpoint_scorer(scorer) or not shots:
+        return 0
+    if not has_anchors:
+        log.info("no anchor set (data.anchors): forward scores are zero-shot, not %d-shot", shots)
+        return 0
+    return shots
+
+
+def encode_anchors(
+    loaded: LoadedModel, anchors: Sequence[Sample], shots: int, max_length: int
+) -> list[Encoded]:
+    """The anchors encoded for scoring and as demonstrations (logging the demonstrations cut at
+    ``max_length``)."""
+    encoded = encode_all(loaded.tokenizer, list(anchors), max_length)
+    log_demonstrations(encoded, shots, max_length)
+    return encoded
+
+
+def few_shot_prefix(
+    loaded: LoadedModel, anchors: Sequence[Sample], shots: int, max_length: int
+) -> tuple[int, ...]:
+    """The first ``shots`` anchors' token ids, shown before every client sample."""
+    if not shots:
+        return ()
+    return demonstrations(encode_anchors(loaded, anchors, shots, max_length), shots)
+
+
+def plan_from_anchors(
+    loaded: LoadedModel,
+    anchors: Sequence[Sample] | None,
+    scorer: Scorer | CheckpointScorer,
+    rule: Rule,
+    *,
+    shots: int,
+    max_length: int,
+    batch_tokens: int = 4096,
+    on_batch: Callable[[int], None] | None = None,
+    anchor_scores: Scores | None = None,
+) -> AnchorPlan:
+    """The plan of ``anchors`` (None: a run without anchors, for a rule that needs none).
+
+    A forward scorer scores the anchors here when the rule needs them, ``shots``-shot;
+    ``anchor_scores``: the anchors' scores a checkpoint scorer computed at its warm-up checkpoints.
+    """
+    prefix: tuple[int, ...] = ()
+    forward = not is_checkpoint_scorer(scorer.name)
+    if forward and (rule.needs_anchors or shots):
+        if anchors is None:
+            raise FedqcError(f"rule '{rule}' needs an anchor set: set data.anchors=FILE")
+        encoded = encode_anchors(loaded, anchors, shots, max_length)
+        prefix = demonstrations(encoded, shots) if shots else ()
+        if rule.needs_anchors:
+            anchor_scores = score_samples(
+                loaded,
+                list(anchors),
+                scorer,
+                max_length,
+                batch_tokens,
+                on_batch=on_batch,
+                prefixes=anchor_prefixes(encoded, shots),
+            )
+    if anchor_scores is not None and anchor_scores.truncated:
+        log.warning(
+            "%d of %d anchors are longer than model.max-length = %d: scored truncated",
+            anchor_scores.truncated,
+            len(anchor_scores.raw),
+            max_length,
+        )
+    return plan_from_scores(scorer, rule, anchor_scores, shots, prefix)
+
+
+def plan_from_scores(
+    scorer: Scorer | CheckpointScorer,
+    rule: Rule,
+    anchor_scores: Scores | None,
+    shots: int = 0,
+    prefix: tuple[int, ...] = (),
+) -> AnchorPlan:
+    """The plan from the anchors' scores: an ensemble calibrated on them, τ and its guarantee."""
+    if anchor_scores is not None and is_ensemble(scorer.name):
+        a = anchor_scores
+        calibration = Calibration(scorer.name).fit(a.cond_loss, a.bare_loss, a.end_loss)
+        scorer = calibration.scorer()
+        raw = calibration.transform(a.cond_loss, a.bare_loss, a.end_loss)
+        anchor_scores = dataclasses.replace(a, raw=raw, oriented=scorer.orient(raw))
+    oriented = None if anchor_scores is None else anchor_scores.oriented
+    tau, edges = None, None
+    if rule.needs_histograms:
+        edges = histogram_edges(oriented).tolist()
+    else:
+        tau = global_threshold(rule, scorer, oriented)
+    if tau is not None:
+        log.info("phase 1: τ = %.5g (%s, raw %s = %.5g)", tau, rule, scorer.name, scorer.raw(tau))
+    return AnchorPlan(
+        scorer, rule, shots, tuple(prefix), anchor_scores, tau, guarantee(rule, oriented), edges
+    )
+
+
+def write_plan(path: Path, plan: AnchorPlan, **extra) -> None:
+    """threshold.json: the plan's record, and ``extra`` (what the run adds: model, placement, the
+    warm-up's fingerprint)."""
+    write_json(path, plan.record() | extra)
+
+
+def write_json(path: Path, data) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """A threshold.json read back: what a client needs to score and select as the run does."""
+
+    scorer: Scorer | CheckpointScorer  # an ensemble with the plan's calibration
+    shots: int
+    prefix: tuple[int, ...]
+    tau_raw: float | None
+    model: str | None
+    max_length: int | None
+
+
+def read_plan(path: Path) -> PlanFile:
+    """The plan in ``path`` (a threshold.json of `fedqc run` or `fedqc threshold --out`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        name = str(data["scorer"])
+        parse_rule(str(data["rule"]))
+        calibration = data.get("calibration")
+        scorer = (
+            get_scorer(name, [float(x) for x in calibration])
+            if is_ensemble(name) and calibration
+            else any_scorer(name)
+        )
+        tau_raw = None if data.get("tau_raw") is None else float(data["tau_raw"])
+        plan = PlanFile(
+            scorer,
+            int(data.get("shots", 0)),
+            tuple(int(t) for t in data.get("prefix", [])),
+            tau_raw,
+            data.get("model"),
+            None if data.get("max_length") is None else int(data["max_length"]),
+        )
+    except FileNotFoundError:
+        raise FedqcError(
+            f"{path}: file not found (a threshold.json: fedqc threshold --out)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FedqcError(
+            f"{path}: not a threshold.json plan ({exc.__class__.__name__}: {exc}); write one with "
+            "fedqc threshold --out threshold.json"
+        ) from None
+    if plan.shots and len(plan.prefix) == 0:
+        raise FedqcError(
+            f"{path}: a {plan.shots}-shot plan without its prefix (written before fedqc recorded "
+            "it); write it again with fedqc threshold --out"
+        )
+    return plan
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
