@@ -25,10 +25,10 @@ from fedqc.federation.protocol import (
     TRAIN_WARMUP,
 )
 from fedqc.federation.server_app import run_server
-from fedqc.federation.warmup import WARMUP_FILE, anchor_side, load_warmup, settings_for
 from fedqc.models.loading import load
 from fedqc.pipeline import prepare_resume
 from fedqc.scoring.checkpointed import score_with_checkpoints
+from fedqc.scoring.warmup import WARMUP_FILE, anchor_side, load_warmup, settings_for
 
 
 def _config(tiny_model_dir, demo_dir, run_dir, **extra) -> Config:

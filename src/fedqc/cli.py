@@ -361,8 +361,8 @@ def _score(loaded, samples, scorer, max_length: int, prefixes=None):
 
 def _warmup(scorer: str, run_dir: Path | None, mcfg: ModelConfig):
     """(config, loaded model, checkpoints) for a checkpoint scorer, from a run's warm-up."""
-    from fedqc.federation.warmup import load_warmup
     from fedqc.models.loading import load
+    from fedqc.scoring.warmup import load_warmup
 
     if run_dir is None:
         raise FedqcError(
@@ -397,20 +397,21 @@ def _score_at_checkpoints(warm, samples, anchors, moments: Path | None):
     """What a client does with the server's anchor info: score at the warm-up checkpoints."""
     import dataclasses
 
-    from fedqc.federation.warmup import anchor_side, load_moments, settings_for
     from fedqc.scoring.checkpointed import score_with_checkpoints
     from fedqc.scoring.scorers import batch_tokens_for
+    from fedqc.scoring.warmup import anchor_side, read_moments, settings_for, unflatten_moments
 
     cfg, loaded, checkpoints = warm
     if cfg.quality.scorer == "clues":
-        found = [load_moments(None, moments, k) for k in range(1, len(checkpoints) + 1)]
+        found = [read_moments(moments, k) for k in range(1, len(checkpoints) + 1)]
         if any(m is None for m in found):
             raise FedqcError(
                 f"{moments}: holds no warm-up Adam moments (warmup/moments-round-k.npz) for "
                 f"all {len(checkpoints)} warm-up rounds; give the node's output folder"
             )
         checkpoints = [
-            dataclasses.replace(c, moments=m) for c, m in zip(checkpoints, found, strict=True)
+            dataclasses.replace(c, moments=unflatten_moments(m))
+            for c, m in zip(checkpoints, found, strict=True)
         ]
     with console.status(f"anchor side at {len(checkpoints)} checkpoints ({cfg.quality.scorer})"):
         info, _ = anchor_side(cfg, loaded, anchors, checkpoints, with_scores=False)
@@ -494,7 +495,7 @@ def threshold(
         _refuse_overwrite(out, force)
     anchor_samples = load_samples(anchors)
     if is_checkpoint_scorer(chosen.name):
-        from fedqc.federation.warmup import anchor_side
+        from fedqc.scoring.warmup import anchor_side
 
         cfg, loaded, checkpoints = _warmup(chosen.name, warmup, mcfg)
         with console.status(f"scoring anchors at {len(checkpoints)} checkpoints ({chosen.name})"):

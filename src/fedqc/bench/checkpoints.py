@@ -49,6 +49,7 @@ from fedqc.models.loading import LoadedModel
 from fedqc.scoring.checkpointed import AnchorInfo, prepare_anchor_info, score_with_checkpoints
 from fedqc.scoring.gradient import Checkpoint, ScoringSettings
 from fedqc.scoring.scorers import get_checkpoint_scorer
+from fedqc.train.local import round_lr
 
 DEPENDS = {
     "gradients": "the mean anchor gradients ḡ_k",
@@ -75,8 +76,6 @@ class Warmup:
 
 def round_lrs(cfg: Config, rounds: int) -> list[float]:
     """η_k of rounds 1..W: the learning rate the clients used in each warm-up round."""
-    from fedqc.federation.client_app import round_lr
-
     return [round_lr(cfg.train.lr, cfg.train.lr_schedule, k, rounds) for k in range(1, rounds + 1)]
 
 

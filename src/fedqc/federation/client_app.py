@@ -54,13 +54,14 @@ from fedqc.federation.secure_sum import (
     client_shares,
     client_unmask,
 )
-from fedqc.federation.warmup import client_scores, save_moments, warmup_seed
+from fedqc.federation.warmup import client_scores, save_moments
 from fedqc.models.loading import LoadedModel, get_adapter_state, load, set_adapter_state
 from fedqc.quality.curriculum import is_stage_start, parse_curriculum, pick, stage_of
 from fedqc.quality.mixture import histogram
 from fedqc.quality.selection import select
 from fedqc.scoring.gradient import moments_from_optimizer
 from fedqc.scoring.scorers import get_scorer, is_checkpoint_scorer, score_samples
+from fedqc.scoring.warmup import warmup_seed
 from fedqc.train.local import evaluate, round_lr, train_steps_with_optimizer
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedqc.config import Config
@@ -44,17 +44,10 @@ from fedqc.federation.strategy import (
     build_strategy,
     optimizer_state,
     restore_optimizer_state,
+    round_row,
+    train_config,
 )
-from fedqc.federation.warmup import (
-    WARMUP_DIR,
-    WARMUP_FILE,
-    anchor_side,
-    finished_warmup,
-    load_warmup,
-    query_payload,
-    resumes_from_warmup,
-    run_warmup,
-)
+from fedqc.federation.warmup import query_payload, resumes_from_warmup, run_warmup
 from fedqc.models.loading import load, set_adapter_state
 from fedqc.quality.plan import (
     few_shot_prefix,
@@ -66,6 +59,13 @@ from fedqc.quality.plan import (
 from fedqc.quality.rules import Rule, parse_rule
 from fedqc.scoring.ensemble import is_ensemble
 from fedqc.scoring.scorers import any_scorer, batch_tokens_for, is_checkpoint_scorer
+from fedqc.scoring.warmup import (
+    WARMUP_DIR,
+    WARMUP_FILE,
+    anchor_side,
+    finished_warmup,
+    load_warmup,
+)
 from fedqc.train.local import evaluate
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,6 @@ def _train(
     strategy = build_strategy(cfg, clients, grid, offset)
     if resumed:  # FedAdam's moments, FedAvgM's momentum: as they were after the last round
         restore_optimizer_state(strategy, load_optimizer(run_dir, resumed[0]))
-    base = getattr(strategy, "strategy", strategy)
     final = {"arrays": start}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -441,16 +440,7 @@ def _train(
             log.info(
                 "round %d: eval loss %.4f (ppl %.2f)", r, metrics["eval_loss"], metrics["eval_ppl"]
             )
-        row = dict(metrics)
-        for k, v in base.train_metrics.get(r, {}).items():
-            row[f"train_{k.replace('-', '_')}"] = v
-        for phase in ("train", "evaluate"):
-            exchange = grid.of_round(r, phase) if r else None
-            if exchange is not None:
-                row[f"{phase}_sampled"] = exchange["sampled"]
-                row[f"{phase}_answered"] = exchange["answered"]
-                row[f"{phase}_dropped"] = [d["node"] for d in exchange["dropped"]]
-        history.append(row)
+        history.append(dict(metrics) | round_row(strategy, grid, r, ("train", "evaluate")))
         if r:
             stages.advance()
             save_checkpoint(
@@ -473,20 +463,6 @@ def _train(
         )
 
     remaining = cfg.train.rounds - offset
-    train_config = ConfigRecord(
-        {
-            "local-steps": cfg.train.local_steps,
-            "batch-size": cfg.train.batch_size,
-            "lr": cfg.train.lr,
-            "lr-schedule": cfg.train.lr_schedule,
-            "weight-decay": cfg.train.weight_decay,
-            "seed": cfg.train.seed,
-            "max-length": cfg.model.max_length,
-            "round-offset": offset,
-            "total-rounds": cfg.train.rounds,
-            "curriculum": cfg.quality.curriculum,
-        }
-    )
     grid.min_answers = {"train": min(cfg.federation.min_nodes, max(1, len(clients)))}
     if clients and remaining > 0:
         stages.stage(f"phase 2: federated LoRA, rounds {offset + 1}–{cfg.train.rounds}", remaining)
@@ -495,7 +471,7 @@ def _train(
             initial_arrays=start,
             num_rounds=remaining,
             timeout=cfg.federation.timeout,
-            train_config=train_config,
+            train_config=train_config(cfg, offset, cfg.train.rounds, cfg.quality.curriculum),
             evaluate_fn=evaluate_fn,
         )
     else:

@@ -390,3 +390,41 @@ def build_strategy(
         "client": DifferentialPrivacyClientSideFixedClipping,
     }[t.dp_mode]
     return wrapper(base, t.dp_noise_multiplier, t.dp_clipping_norm, len(clients))
+
+
+def train_config(
+    cfg: Config, offset: int, total_rounds: int, curriculum: str | None = None
+) -> ConfigRecord:
+    """What every training round (warm-up and phase 2) tells the clients: the local steps and
+    the schedule's place (``round-offset`` rounds done of ``total-rounds``); phase 2 adds the
+    curriculum (``quality.curriculum``)."""
+    t = cfg.train
+    return ConfigRecord(
+        {
+            "local-steps": t.local_steps,
+            "batch-size": t.batch_size,
+            "lr": t.lr,
+            "lr-schedule": t.lr_schedule,
+            "weight-decay": t.weight_decay,
+            "seed": t.seed,
+            "max-length": cfg.model.max_length,
+            "round-offset": offset,
+            "total-rounds": total_rounds,
+            **({"curriculum": curriculum} if curriculum is not None else {}),
+        }
+    )
+
+
+def round_row(strategy, grid: ParticipationGrid, r: int, phases: tuple[str, ...]) -> dict:
+    """metrics.json's fields of round ``r``: the clients' aggregated training metrics, and who
+    was sampled, answered and dropped in each of ``phases`` (message types)."""
+    base = getattr(strategy, "strategy", strategy)
+    row = {f"train_{k.replace('-', '_')}": v for k, v in base.train_metrics.get(r, {}).items()}
+    for phase in phases:
+        exchange = grid.of_round(r, phase) if r else None
+        if exchange is not None:
+            prefix = "evaluate" if phase == "evaluate" else "train"
+            row[f"{prefix}_sampled"] = exchange["sampled"]
+            row[f"{prefix}_answered"] = exchange["answered"]
+            row[f"{prefix}_dropped"] = [d["node"] for d in exchange["dropped"]]
+    return row
