@@ -1,10 +1,9 @@
-"""Exact match on GSM8K-style answers: greedy generation, then the final ``#### N`` number."""
+"""Greedy answers to held-out questions, for the metrics of :mod:`fedqc.train.answers`."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -12,37 +11,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from fedqc.data.encoding import format_prompt
 from fedqc.data.samples import Sample
 from fedqc.models.loading import LoadedModel
+from fedqc.train.answers import NUMBER
 
-_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
-_ANSWERED = re.compile(r"####\s*\$?\s*-?[\d,]*\.?\d+\s*\n")  # the final line is complete
+_ANSWERED = re.compile(r"####\s*" + NUMBER + r"\s*\n")  # the final line is complete
 GEN_BATCH = 32
-
-
-def final_number(text: str) -> Decimal | None:
-    """The number after the last ``####`` (commas, a leading ``$`` and trailing zeros ignored)."""
-    found = _FINAL.findall(text)
-    if not found:
-        return None
-    try:
-        return Decimal(found[-1].replace(",", "")).normalize()
-    except InvalidOperation:
-        return None
-
-
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """``exact_match``: share whose final number equals the reference's (a missing one counts as
-    wrong); ``answer_format``: share of predictions that end with a ``#### N`` line at all."""
-    if len(predictions) != len(references):
-        raise ValueError("one prediction per reference")
-    if not predictions:
-        return {"exact_match": float("nan"), "answer_format": float("nan")}
-    got = [final_number(p) for p in predictions]
-    want = [final_number(r) for r in references]
-    hits = sum(g is not None and g == w for g, w in zip(got, want, strict=True))
-    return {
-        "exact_match": hits / len(predictions),
-        "answer_format": sum(g is not None for g in got) / len(predictions),
-    }
 
 
 class _Answered(StoppingCriteria):

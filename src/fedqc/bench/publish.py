@@ -47,7 +47,8 @@ TRAIN_COLUMNS = [
     ("eval_loss", "eval loss"),
     ("eval_ppl", "eval ppl"),
     ("exact_match", "EM"),
-    ("answer_format", "has #### N"),
+    ("answer_format", "final #### N line"),
+    ("rouge_l", "ROUGE-L"),
     ("note", "note"),
 ]
 
@@ -527,7 +528,13 @@ SECTIONS = [
         "'–': not trained.",
     ),
     ("Selection per client", "clients", None),
-    ("Training", "train", "The untrained model ('base') is the common starting point."),
+    (
+        "Training",
+        "train",
+        "The untrained model ('base') is the common starting point. Greedy answers to the "
+        "held-out questions: EM, the share whose last line is #### N, and ROUGE-L F-measure "
+        "against the reference answer.",
+    ),
     ("Eval loss per round", "rounds", None),
     (
         "Contamination sweep (paper [B] Fig. 4)",

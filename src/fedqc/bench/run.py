@@ -22,7 +22,7 @@ from fedqc.bench.experiment import (
     Selector,
     make_federation,
 )
-from fedqc.bench.generation import exact_match, final_number, generate
+from fedqc.bench.generation import generate
 from fedqc.bench.pool import BenchData, score_pool, split_data
 from fedqc.bench.publish import publish
 from fedqc.bench.train import arm_folder, load_adapter, train_arm, write_samples
@@ -31,6 +31,7 @@ from fedqc.data.partition import parse_partition
 from fedqc.errors import FedqcError
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, batch_tokens_for
+from fedqc.train.answers import answer_metrics, final_number
 
 log = logging.getLogger("fedqc.bench")
 
@@ -216,7 +217,8 @@ def _train_arms(
 
 
 def _exact_match(bench, run_dir, loaded, data, trained, stages) -> dict[str, dict]:
-    """Greedy generation on held-out questions: the untrained model ('base') and each trained arm.
+    """Greedy generation on held-out questions: the untrained model ('base') and each trained arm,
+    with exact match, answer format and ROUGE-L (:func:`answer_metrics`).
 
     Only where every reference answer ends with a ``#### N`` number (GSM8K).
     """
@@ -229,7 +231,7 @@ def _exact_match(bench, run_dir, loaded, data, trained, stages) -> dict[str, dic
         stages.stage(f"exact match: {name}, {len(questions)} greedy answers")
         load_adapter(loaded, adapter)
         answers = generate(loaded, questions, bench.max_new_tokens)
-        results[name] = exact_match(answers, [s.response for s in questions])
+        results[name] = answer_metrics(answers, [s.response for s in questions])
         generations += [
             {"arm": name, "id": s.id, "answer": a, "reference": s.response}
             for s, a in zip(questions, answers, strict=True)
