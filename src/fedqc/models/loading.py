@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -22,8 +22,8 @@ from fedqc.models.placement import resolve as resolve_placement
 
 log = logging.getLogger(__name__)
 
-# Registry names that install without hub access.
-REGISTRY = {"smollm2-135m": assets.smollm2_folder}
+# Registry names that install without hub access (fedqc.models.assets).
+REGISTRY = {name: partial(assets.model_folder, spec) for name, spec in assets.MODELS.items()}
 
 
 def resolve(name: str) -> str:
@@ -72,7 +72,7 @@ def _load_cached(
     except OSError as exc:
         first = str(exc).strip().splitlines()[0]
         raise FedqcError(
-            f"model '{name}': cannot load it ({first}). Use '{next(iter(REGISTRY))}', "
+            f"model '{name}': cannot load it ({first}). Use {' or '.join(map(repr, REGISTRY))}, "
             "a local folder, or a hub id with internet access."
         ) from None
     if tokenizer.pad_token_id is None:
