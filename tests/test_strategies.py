@@ -276,3 +276,33 @@ def test_fedprox_keeps_the_local_weights_near_the_global_ones(tiny_model_dir, de
 
     free, held = drift(0.0), drift(1e4)
     assert free > 0 and held < 0.5 * free
+
+
+@pytest.mark.parametrize(
+    ("strategy", "aggregation"),
+    [(value, "mean") for value in ALL]
+    + [("fedavg", a) for a in ("merge:task-arithmetic", "merge:ties:0.5", "merge:dare-ties:0.5")],
+)
+def test_every_strategy_and_aggregation_runs_a_whole_federation(
+    strategy, aggregation, tiny_model_dir, demo_dir, tmp_path
+):
+    """Each option end to end (phase 1, a training round, evaluation, the saved adapter)."""
+    cfg = _config(
+        tiny_model_dir,
+        demo_dir,
+        tmp_path / "run",
+        **{
+            "train.strategy": strategy,
+            "train.aggregation": aggregation,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "federation.min-nodes": 2,
+        },
+    )
+    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    initial = get_adapter_state(load(ModelConfig(name=str(tiny_model_dir), max_length=64)).model)
+    assert adapter.keys() == {k for k in initial}
+    assert all(np.isfinite(v).all() for v in adapter.values())
+    assert all(not initial[k].any() for k in adapter if "lora_B" in k)  # LoRA's B starts at 0
+    assert any(np.abs(adapter[k]).max() > 0 for k in adapter if "lora_B" in k)  # and was trained
