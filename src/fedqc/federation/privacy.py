@@ -59,6 +59,7 @@ from fedqc.federation.protocol import (
     HISTOGRAM_VECTOR_LENGTH,
     MASK_BITS,
     MASKED_KEY,
+    METRIC_REPLIES,
     MIN_BIN_SHARE,
     QUERY_SCORE,
     REASON_EDGES,
@@ -68,20 +69,17 @@ from fedqc.federation.protocol import (
     SECURE_KEYS,
     SECURE_MESSAGES,
     SECURE_RECORD,
+    SECURE_REPLIES,
     SECURE_SHARES,
     TRAIN_WARMUP,
-    CountsReply,
-    EvaluateMetrics,
     HistogramReply,
     KeysReply,
     MaskedReply,
     QueryConfig,
     SharesReply,
     SharesRequest,
-    TrainMetrics,
     UnmaskReply,
     UnmaskRequest,
-    Wire,
 )
 from fedqc.federation.secure_sum import (
     CIPHERTEXT_BYTES,
@@ -94,18 +92,9 @@ from fedqc.federation.secure_sum import (
 log = logging.getLogger(__name__)
 
 # The MetricRecords a reply may hold, each with the keys of the messages that travel in it.
-REPLIES: tuple[type[Wire], ...] = (
-    CountsReply,
-    HistogramReply,
-    MaskedReply,
-    TrainMetrics,
-    EvaluateMetrics,
-)
-ALLOWED_METRICS = {r.RECORD: set() for r in REPLIES}
-for _reply in REPLIES:
+ALLOWED_METRICS: dict[str, set[str]] = {r.RECORD: set() for r in METRIC_REPLIES}
+for _reply in METRIC_REPLIES:
     ALLOWED_METRICS[_reply.RECORD] |= set(_reply.record_keys())
-# The keys of each secure-sum step's reply.
-SECURE_REPLIES = {SECURE_KEYS: KeysReply, SECURE_SHARES: SharesReply}
 # This node's adapter as the guard expects it: parameter name -> (shape, numpy dtype name).
 AdapterSpec = Mapping[str, tuple[tuple[int, ...], str]]
 
@@ -233,7 +222,7 @@ def check_secure_reply(kind: str, request, content) -> None:
     if set(content) != {SECURE_RECORD} or not isinstance(content[SECURE_RECORD], ConfigRecord):
         raise PrivacyViolation(f"a {kind} reply must hold the '{SECURE_RECORD}' ConfigRecord only")
     record, asked = content[SECURE_RECORD], request.get(SECURE_RECORD, {})
-    expected = set(SECURE_REPLIES.get(kind, UnmaskReply).record_keys())
+    expected = set(SECURE_REPLIES[kind].record_keys())
     if set(record) != expected:
         raise PrivacyViolation(f"a {kind} reply must hold exactly {sorted(expected)}")
     if kind == SECURE_KEYS:

@@ -142,6 +142,29 @@ class Wire:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class StatsWire(Wire):
+    """A query reply: the MetricRecord STATS_RECORD."""
+
+    RECORD: ClassVar[str] = STATS_RECORD
+    KIND: ClassVar[type] = MetricRecord
+
+
+@dataclass(frozen=True)
+class MetricsWire(Wire):
+    """A train or evaluate reply's MetricRecord METRICS_RECORD."""
+
+    RECORD: ClassVar[str] = METRICS_RECORD
+    KIND: ClassVar[type] = MetricRecord
+
+
+@dataclass(frozen=True)
+class SecureWire(Wire):
+    """A secure-sum step's ConfigRecord SECURE_RECORD (both ways)."""
+
+    RECORD: ClassVar[str] = SECURE_RECORD
+
+
 # Server → client
 
 
@@ -207,11 +230,8 @@ class TrainConfig(Wire):
 
 
 @dataclass(frozen=True)
-class CountsReply(Wire):
+class CountsReply(StatsWire):
     """A client's counts after selection (query.score with τ, or query.select)."""
-
-    RECORD: ClassVar[str] = STATS_RECORD
-    KIND: ClassVar[type] = MetricRecord
 
     total: int
     kept: int
@@ -223,13 +243,10 @@ class CountsReply(Wire):
 
 
 @dataclass(frozen=True)
-class HistogramReply(Wire):
+class HistogramReply(StatsWire):
     """Rule mixture's query.score reply: HISTOGRAM_BINS non-negative counts of the client's
     scores over the server's bins (Laplace(1/ε) noise per bin under DP), and the counts that do
     not depend on τ. Its query.select reply is then a CountsReply."""
-
-    RECORD: ClassVar[str] = STATS_RECORD
-    KIND: ClassVar[type] = MetricRecord
 
     histogram: list[int]
     total: int
@@ -240,24 +257,18 @@ class HistogramReply(Wire):
 
 
 @dataclass(frozen=True)
-class MaskedReply(Wire):
+class MaskedReply(StatsWire):
     """A data reply under quality.secure-sum: the counts (COUNTS_VECTOR), or the histogram and
     HISTOGRAM_VECTOR_COUNTS, as one vector masked mod 2^MASK_BITS, and the partition id."""
-
-    RECORD: ClassVar[str] = STATS_RECORD
-    KIND: ClassVar[type] = MetricRecord
 
     masked: list[int]
     partition_id: int
 
 
 @dataclass(frozen=True)
-class TrainMetrics(Wire):
+class TrainMetrics(MetricsWire):
     """A train or train.warmup reply's metrics. ``num_examples`` is the kept count reported in
     the query round (noisy under DP); in a warm-up round the client's total (noisy under DP)."""
-
-    RECORD: ClassVar[str] = METRICS_RECORD
-    KIND: ClassVar[type] = MetricRecord
 
     num_examples: int
     train_loss: float
@@ -265,11 +276,8 @@ class TrainMetrics(Wire):
 
 
 @dataclass(frozen=True)
-class EvaluateMetrics(Wire):
+class EvaluateMetrics(MetricsWire):
     """An evaluate reply's metrics: the kept count and the loss on the kept samples."""
-
-    RECORD: ClassVar[str] = METRICS_RECORD
-    KIND: ClassVar[type] = MetricRecord
 
     num_examples: int
     eval_loss: float
@@ -279,27 +287,21 @@ class EvaluateMetrics(Wire):
 
 
 @dataclass(frozen=True)
-class KeysRequest(Wire):
+class KeysRequest(SecureWire):
     """query.keys: an empty record (each client makes its key pairs)."""
-
-    RECORD: ClassVar[str] = SECURE_RECORD
 
 
 @dataclass(frozen=True)
-class KeysReply(Wire):
+class KeysReply(SecureWire):
     """query.keys' reply: the two PEM public keys (pk1 for masks, pk2 for the shares)."""
-
-    RECORD: ClassVar[str] = SECURE_RECORD
 
     pk1: bytes
     pk2: bytes
 
 
 @dataclass(frozen=True)
-class SharesRequest(Wire):
+class SharesRequest(SecureWire):
     """query.shares: the client's slot and every slot's public keys."""
-
-    RECORD: ClassVar[str] = SECURE_RECORD
 
     slot: int
     pk1: list[bytes]
@@ -307,41 +309,37 @@ class SharesRequest(Wire):
 
 
 @dataclass(frozen=True)
-class SharesReply(Wire):
+class SharesReply(SecureWire):
     """query.shares' reply: one encrypted pair of Shamir shares per other slot, b"" at its own."""
 
-    RECORD: ClassVar[str] = SECURE_RECORD
-
     ciphertexts: list[bytes]
 
 
 @dataclass(frozen=True)
-class MaskRequest(Wire):
+class MaskRequest(SecureWire):
     """What a data message adds under a secure sum: the ciphertexts addressed to the client."""
 
-    RECORD: ClassVar[str] = SECURE_RECORD
-
     ciphertexts: list[bytes]
 
 
 @dataclass(frozen=True)
-class UnmaskRequest(Wire):
+class UnmaskRequest(SecureWire):
     """query.unmask: the slots that sent a masked vector (active) and those that did not."""
-
-    RECORD: ClassVar[str] = SECURE_RECORD
 
     active: list[int]
     dead: list[int]
 
 
 @dataclass(frozen=True)
-class UnmaskReply(Wire):
+class UnmaskReply(SecureWire):
     """query.unmask's reply: shares of the active slots' seeds, then of the dead slots' keys."""
-
-    RECORD: ClassVar[str] = SECURE_RECORD
 
     shares: list[bytes]
 
+
+# What a reply may hold: the MetricRecords of these messages, and per secure-sum step its reply.
+METRIC_REPLIES = (CountsReply, HistogramReply, MaskedReply, TrainMetrics, EvaluateMetrics)
+SECURE_REPLIES = {SECURE_KEYS: KeysReply, SECURE_SHARES: SharesReply, SECURE_UNMASK: UnmaskReply}
 
 # The key tuples, from the messages (the privacy guard and the privacy tests check against them).
 QUERY_CONFIG = QueryConfig.record_keys()

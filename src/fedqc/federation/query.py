@@ -66,6 +66,19 @@ class Phase1:
     mixture: dict | None = None
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """Phase 1's exchange with the clients: who is asked, the query.score content each gets,
+    and the mixture fit (rule mixture)."""
+
+    grid: ParticipationGrid
+    nodes: list[int]
+    cfg: Config
+    query: QueryConfig
+    content: Callable[[int], RecordDict]
+    fit: Fit
+
+
 def query_round(
     grid: ParticipationGrid,
     nodes: list[int],
@@ -89,7 +102,7 @@ def query_round(
         return fit_threshold(edges, histogram, used, scorer, anchor_oriented)
 
     run = _secure_query_round if cfg.quality.secure_sum else _plain_query_round
-    return run(grid, nodes, cfg, query, content, fit)
+    return run(_Exchange(grid, nodes, cfg, query, content, fit))
 
 
 def _select_content(tau: float) -> Callable[[int], RecordDict]:
@@ -100,15 +113,9 @@ def _select_content(tau: float) -> Callable[[int], RecordDict]:
     return content
 
 
-def _plain_query_round(
-    grid: ParticipationGrid,
-    nodes: list[int],
-    cfg: Config,
-    query: QueryConfig,
-    content: Callable[[int], RecordDict],
-    fit: Fit,
-) -> Phase1:
+def _plain_query_round(x: _Exchange) -> Phase1:
     """Phase 1 in the clear: each client's counts (rule mixture: after its histogram)."""
+    grid, nodes, cfg, query, content, fit = x.grid, x.nodes, x.cfg, x.query, x.content, x.fit
     timeout = cfg.federation.timeout
     msgs = [Message(content(n), dst_node_id=n, message_type=QUERY_SCORE) for n in nodes]
     answered = [r for r in grid.send_and_receive(msgs, timeout=timeout) if not r.has_error()]
@@ -159,16 +166,10 @@ def _histogram(reply: Message) -> np.ndarray | None:
     return None if counts.shape != (HISTOGRAM_BINS,) or (counts < 0).any() else counts
 
 
-def _secure_query_round(
-    grid: ParticipationGrid,
-    nodes: list[int],
-    cfg: Config,
-    query: QueryConfig,
-    content: Callable[[int], RecordDict],
-    fit: Fit,
-) -> Phase1:
+def _secure_query_round(x: _Exchange) -> Phase1:
     """Phase 1 under quality.secure-sum: one secure sum of the counts, or for rule mixture one of
     the histogram with its τ-free counts, then one of the counts under the fitted τ."""
+    grid, nodes, cfg, query, content, fit = x.grid, x.nodes, x.cfg, x.query, x.content, x.fit
     need, timeout = cfg.federation.min_nodes, cfg.federation.timeout
     if query.edges is None:
         total, answered, dropped = run_session(
