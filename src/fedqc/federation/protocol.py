@@ -1,15 +1,22 @@
-"""What crosses the wire, in one place: message names and the keys each message may carry.
+"""What crosses the wire, in one place: message names, and one dataclass per message.
+
+Each message (:class:`QueryConfig`, :class:`SelectConfig`, :class:`TrainConfig`,
+:class:`CountsReply`, :class:`HistogramReply`, :class:`MaskedReply`, :class:`TrainMetrics`,
+:class:`EvaluateMetrics` and the secure sum's records) becomes a Flower record with ``to_record``
+and is read back with ``from_record``; the server builds and the client parses every message with
+them, and no other module spells a wire key.
 
 Server → client: the quality settings (scorer, τ, rule, lengths), the training settings and the
 global adapter; for the checkpoint scorers also the warm-up checkpoints and the anchor info
-(``CHECKPOINT_RECORD``, ``ANCHOR_INFO_RECORD``); for the ``mixture`` rule the bin edges.
+(``CHECKPOINT_RECORD``, ``ANCHOR_INFO_RECORD``); for the ``mixture`` rule the bin edges, then τ.
 Client → server: counts (``REPLY_COUNTS``), one histogram of scores over the server's fixed bins
 (``HISTOGRAM_KEY``, ``mixture`` only), adapter arrays and aggregate metrics; never text, token ids
 or per-sample scores. A failed client sends only an error code and one of ``ERROR_REASONS``.
 Under ``quality.secure-sum`` the counts and histogram travel as one masked vector (``MASKED_KEY``),
 around which three messages of a secure sum (``SECURE_MESSAGES``) carry public keys and encrypted
 or unmasking Shamir shares.
-The privacy guard and the privacy test check every client message against these lists.
+The privacy guard and the privacy tests check every client message against the reply classes'
+fields.
 """
 
 from __future__ import annotations
