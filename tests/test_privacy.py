@@ -36,7 +36,6 @@ from fedqc.federation.privacy import (
 )
 from fedqc.federation.protocol import (
     ERROR_REASONS,
-    EVALUATE_METRICS,
     HISTOGRAM_BINS,
     HISTOGRAM_REPLY,
     MASKED_KEY,
@@ -51,7 +50,10 @@ from fedqc.federation.protocol import (
     SECURE_RECORD,
     SECURE_SHARES,
     SECURE_UNMASK,
-    TRAIN_METRICS,
+    CountsReply,
+    EvaluateMetrics,
+    HistogramReply,
+    TrainMetrics,
 )
 from fedqc.federation.secure_sum import client_keys, client_mask, client_shares, client_unmask
 from fedqc.federation.simulation import run_simulation
@@ -87,7 +89,8 @@ def test_every_client_message_of_a_run_is_counts_and_adapter_only(
     assert kinds == ["evaluate", "evaluate", "query.score", "query.score", "train", "train"]
     adapter = load(ModelConfig(name=str(tiny_model_dir))).initial_adapter
     texts = [s.prompt for s in load_samples(demo_dir / "clients" / "client-0.jsonl")]
-    allowed = set(REPLY_COUNTS) | set(TRAIN_METRICS) | set(EVALUATE_METRICS)
+    allowed = {*CountsReply.record_keys(), *TrainMetrics.record_keys()}
+    allowed |= set(EvaluateMetrics.record_keys())  # the keys come from the messages' fields
     for entry in entries:
         assert not entry["error"], entry
         for name, record in entry["records"].items():
@@ -210,10 +213,10 @@ def test_every_reply_of_a_warm_up_and_mixture_run_is_counts_histogram_or_adapter
     adapter = load(ModelConfig(name=str(tiny_model_dir))).initial_adapter
     texts = [s.prompt for s in load_samples(demo_dir / "clients" / "client-0.jsonl")]
     allowed = {
-        "query.score": set(HISTOGRAM_REPLY),
-        "query.select": set(REPLY_COUNTS),
-        "train": set(TRAIN_METRICS),
-        "train.warmup": set(TRAIN_METRICS),
+        "query.score": set(HistogramReply.record_keys()),
+        "query.select": set(CountsReply.record_keys()),
+        "train": set(TrainMetrics.record_keys()),
+        "train.warmup": set(TrainMetrics.record_keys()),
     }
     for entry in entries:
         assert not entry["error"], entry

@@ -15,7 +15,16 @@ from rich.table import Table
 from fedqc.bench.command import bench
 from fedqc.config import Config, ModelConfig, QualityConfig, load_config
 from fedqc.errors import FedqcError
-from fedqc.terminal import ProgressStages, console, err_console, progress_bars, setup_logging
+from fedqc.terminal import (
+    OverwriteOpt,
+    ProgressStages,
+    ReuseOpt,
+    VerboseOpt,
+    console,
+    err_console,
+    progress_bars,
+    setup_logging,
+)
 
 app = typer.Typer(
     help="Data quality control for federated fine-tuning of LLMs, on Flower.",
@@ -66,8 +75,8 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
-    force: Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
+    force: ReuseOpt = False,
+    verbose: VerboseOpt = False,
     resume: Annotated[
         Path | None, typer.Option(help="Continue this run directory from its last round.")
     ] = None,
@@ -210,7 +219,7 @@ def score(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+    force: OverwriteOpt = False,
     warmup: WarmupOpt = None,
     anchors: Annotated[
         Path | None,
@@ -473,7 +482,7 @@ def threshold(
             "--plan` and `fedqc filter --plan`."
         ),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+    force: OverwriteOpt = False,
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
     from fedqc.data.samples import load_samples
@@ -542,7 +551,7 @@ def filter_(
     plan: Annotated[
         Path | None, typer.Option(help="Take τ from this plan (threshold.json).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite --out.")] = False,
+    force: OverwriteOpt = False,
 ) -> None:
     """Keep the samples whose score passes τ; writes them unchanged, in the format of --out."""
     import numpy as np

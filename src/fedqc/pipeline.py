@@ -159,29 +159,21 @@ def prepare_resume(run_dir: Path, overrides: list[str] | None = None) -> Config:
     ``overrides`` (``key=value``) may change only what does not change a round's result:
     train.rounds (to run longer) and federation.*.
     """
-    from fedqc.federation.checkpoint import RESUMABLE_CHANGES, check_resumable, load_checkpoint
-    from fedqc.federation.warmup import resumes_from_warmup
+    from fedqc.federation.checkpoint import RESUMABLE_CHANGES, resume_point
 
     if not (run_dir / "config.toml").is_file():
         raise FedqcError(f"{run_dir}: not a fedqc run directory (no config.toml)")
     saved = load_config(run_dir / "config.toml")
     cfg = load_config(run_dir / "config.toml", overrides)
-    # Stopped before phase 2's first checkpoint, with warm-up rounds on disk: those are reused and
-    # the rest runs again. Otherwise the last checkpoint (a clear error when there is none).
-    state = None if resumes_from_warmup(run_dir, saved) else load_checkpoint(run_dir)[0]
     for key in (k for k, v in cfg.to_flat().items() if saved.to_flat()[k] != v):
         if not key.startswith(RESUMABLE_CHANGES) or key.startswith("output."):
             raise FedqcError(
                 f"--set {key}: a resumed run keeps its config; only train.rounds and "
                 "federation.* may change"
             )
-    if state is not None:
-        check_resumable(state["config"], cfg.to_flat())
-        if state["round"] >= cfg.train.rounds and (run_dir / "adapter").is_dir():
-            raise FedqcError(
-                f"{run_dir}: finished all {cfg.train.rounds} rounds; nothing to resume "
-                "(--set train.rounds=N runs it longer)"
-            )
+    # Stopped before phase 2's first checkpoint, with warm-up rounds on disk: those are reused and
+    # the rest runs again. Otherwise the last checkpoint (a clear error when there is none).
+    resume_point(run_dir, cfg, refuse_finished=True)
     cfg = cfg.replace(**{"output.run-dir": str(run_dir), "output.resume": True})
     check_inputs(cfg)
     write_config(run_dir, cfg.replace(**{"output.resume": False}))

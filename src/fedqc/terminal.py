@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console()
 err_console = Console(stderr=True)
+
+# Options that several commands share (`fedqc run`, `fedqc bench`, the client steps).
+ReuseOpt = Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Overwrite --out.")]
+VerboseOpt = Annotated[bool, typer.Option(help="Show Flower's own log.")]
 
 
 def setup_logging(verbose: bool, log_file: Path | None = None) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedqc.errors import FedqcError
+from fedqc.terminal import ReuseOpt, VerboseOpt
 
 
 def bench(
@@ -37,8 +38,8 @@ def bench(
             "of clean samples rejected, zero-shot and with quality.shots (no training)."
         ),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Reuse a non-empty run directory.")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
+    force: ReuseOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Benchmark quality control on a federation with known corruptions: every arm, the sweeps,
     short training, tables, plots and report.html."""

@@ -1,5 +1,8 @@
 """The server's checkpoint after every round, and reading it back to resume.
 
+Every check of a resume is here, in :func:`resume_point`: where a resumed run continues, for the
+server and for `fedqc run --resume`.
+
 ``RUN_DIR/checkpoint/`` holds ``state.json`` (round, τ, selection, per-round history, the
 participation log, the strategy settings and the config), ``adapter-round-<r>.npz`` (the global
 adapter, bit for bit) and, for a strategy with a server optimiser (FedAdam, FedYogi, FedAdagrad,
@@ -18,8 +21,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from fedqc.config import Config
 from fedqc.errors import FedqcError
 from fedqc.files import sha256_of
+from fedqc.scoring.scorers import is_checkpoint_scorer
+from fedqc.scoring.warmup import WARMUP_FILE
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
@@ -105,3 +111,39 @@ def check_resumable(saved: dict, current: dict) -> None:
             f"{current.get(k)!r}; a resumed run may change only train.rounds, federation.* "
             "and output.*"
         )
+
+
+def resumes_from_warmup(run_dir: Path, cfg: Config) -> bool:
+    """True for a checkpoint-scorer run stopped before phase 2's first checkpoint, with warm-up
+    rounds on disk: a resume reuses them and runs the rest again."""
+    return (
+        is_checkpoint_scorer(cfg.quality.scorer)
+        and not has_checkpoint(Path(run_dir))
+        and (Path(run_dir) / WARMUP_FILE).is_file()
+    )
+
+
+def resume_point(
+    run_dir: Path, cfg: Config, refuse_finished: bool = False
+) -> tuple[dict, ArrayRecord] | None:
+    """Where a resumed run continues: None when it stopped before phase 2's first checkpoint with
+    warm-up rounds on disk (it reuses them and runs the rest again); else its last checkpoint
+    (state, global adapter), once ``cfg`` is shown to compute the same rounds and the checkpoint
+    not to lie beyond train.rounds. ``refuse_finished`` (`fedqc run --resume`): stop when the
+    run finished all its rounds."""
+    if resumes_from_warmup(run_dir, cfg):
+        return None
+    state, arrays = load_checkpoint(run_dir)
+    check_resumable(state["config"], cfg.to_flat())
+    rounds = cfg.train.rounds
+    if refuse_finished and state["round"] >= rounds and (run_dir / "adapter").is_dir():
+        raise FedqcError(
+            f"{run_dir}: finished all {rounds} rounds; nothing to resume "
+            "(--set train.rounds=N runs it longer)"
+        )
+    if state["round"] > rounds:
+        raise FedqcError(
+            f"{run_dir}: the checkpoint is at round {state['round']}, beyond train.rounds = "
+            f"{rounds}"
+        )
+    return state, arrays

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -38,14 +37,29 @@ from fedqc.federation.privacy import (
     noisy_histogram,
 )
 from fedqc.federation.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
     COUNTS_VECTOR,
-    HISTOGRAM_KEY,
     HISTOGRAM_VECTOR_COUNTS,
-    MASKED_KEY,
     SECURE_KEYS,
     SECURE_RECORD,
     SECURE_SHARES,
     TRAIN_WARMUP,
+    CountsReply,
+    EvaluateMetrics,
+    HistogramReply,
+    KeysReply,
+    MaskedReply,
+    MaskRequest,
+    QueryConfig,
+    SelectConfig,
+    SharesReply,
+    SharesRequest,
+    TrainConfig,
+    TrainMetrics,
+    UnmaskReply,
+    UnmaskRequest,
+    wire_key,
 )
 from fedqc.federation.secure_sum import (
     SecureSumError,
@@ -130,7 +144,7 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     The server's ``DifferentialPrivacyClientSideFixedClipping`` puts the clipping norm in the
     training config; without it (no DP, or server-side clipping) the reply passes unchanged.
     """
-    if KEY_CLIPPING_NORM in msg.content.get("config", {}):
+    if KEY_CLIPPING_NORM in msg.content.get(CONFIG_RECORD, {}):
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -169,20 +183,21 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     (rule ``mixture``) it keeps its scores in ``context.state`` and replies their histogram over the
     server's bins; :func:`handle_select` then applies the τ the server fitted.
     """
-    qc = msg.content["config"]
-    edges = check_edges(qc["edges"]) if "edges" in qc else None  # before reading any data
-    if str(qc["model"]) != cfg.model.name:
-        raise ValueError(f"server scores with model {qc['model']}, this node has {cfg.model.name}")
-    cfg = cfg.replace(**{"model.max-length": int(qc["max-length"])})
+    raw, edges_key = msg.content[CONFIG_RECORD], QueryConfig.key("edges")
+    edges = check_edges(raw[edges_key]) if edges_key in raw else None  # before reading any data
+    qc = QueryConfig.from_record(raw)
+    if qc.model != cfg.model.name:
+        raise ValueError(f"server scores with model {qc.model}, this node has {cfg.model.name}")
+    cfg = cfg.replace(**{"model.max-length": qc.max_length})
     data_path, out_dir, pid = node_paths(context, cfg)
     samples = load_samples(data_path)
-    loaded = _model(cfg, msg.content["arrays"])
-    name, batch_tokens = str(qc["scorer"]), int(qc["batch-tokens"])
+    loaded = _model(cfg, msg.content[ARRAYS_RECORD])
+    name, batch_tokens = qc.scorer, qc.batch_tokens
     start = time.perf_counter()
-    calibration = [float(x) for x in qc["calibration"]] if "calibration" in qc else []
-    demonstrations = [int(t) for t in qc["prefix"]] if "prefix" in qc else []  # shots > 0
+    calibration = qc.calibration or []
+    demonstrations = qc.prefix or []  # shots > 0
     if is_checkpoint_scorer(name):
-        scores = client_scores(msg.content, context, loaded, samples, out_dir, batch_tokens)
+        scores = client_scores(msg.content, qc, context, loaded, samples, out_dir)
     else:
         scores = _forward_scores(
             loaded, samples, name, calibration, demonstrations, cfg.model.max_length, batch_tokens
@@ -207,7 +222,7 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     )
     if edges is not None:
         return _histogram_reply(context, cfg, edges)
-    return _select(context, cfg, float(qc["tau"]), float(qc["drop-fraction"]), samples)
+    return _select(context, cfg, qc.tau, qc.drop_fraction, samples)
 
 
 def _forward_scores(
@@ -232,7 +247,7 @@ def _forward_scores(
 
 def handle_select(msg: Message, context: Context, cfg: Config) -> RecordDict:
     """The mixture rule's second message: apply the fitted τ to the scores kept from query.score."""
-    return _select(context, cfg, float(msg.content["config"]["tau"]), math.nan)
+    return _select(context, cfg, SelectConfig.from_record(msg.content[CONFIG_RECORD]).tau, None)
 
 
 def _cached_scores(context: Context) -> tuple[ConfigRecord, np.ndarray, np.ndarray]:
@@ -243,10 +258,9 @@ def _cached_scores(context: Context) -> tuple[ConfigRecord, np.ndarray, np.ndarr
     return cache, oriented, np.frombuffer(cache["raw"], dtype=np.float64)
 
 
-def _extra(cache: ConfigRecord, epsilon: float) -> dict:
-    """Partition id, and the scoring time unless under DP (it tracks data size)."""
-    pid = {"partition-id": int(cache["partition-id"])}
-    return pid if epsilon > 0 else pid | {"score-seconds": float(cache["seconds"])}
+def _score_seconds(cache: ConfigRecord, epsilon: float) -> float | None:
+    """The scoring time, left out under DP (it tracks data size)."""
+    return None if epsilon > 0 else float(cache["seconds"])
 
 
 def _histogram_reply(context: Context, cfg: Config, edges: np.ndarray) -> RecordDict:
@@ -263,36 +277,42 @@ def _histogram_reply(context: Context, cfg: Config, edges: np.ndarray) -> Record
         epsilon,
         {
             "total": len(oriented),
-            "rejected-non-finite": int((~np.isfinite(oriented)).sum()),
+            "rejected_non_finite": int((~np.isfinite(oriented)).sum()),
             "truncated": int(cache["truncated"]),
         },
     )
-    stats = {HISTOGRAM_KEY: hist, **released, **_extra(cache, epsilon)}
-    return RecordDict({"stats": MetricRecord(stats)})
+    reply = HistogramReply(
+        hist,
+        **released,
+        partition_id=int(cache["partition-id"]),
+        score_seconds=_score_seconds(cache, epsilon),
+    )
+    return RecordDict({reply.RECORD: reply.to_record()})
 
 
 def _select(
-    context: Context, cfg: Config, tau: float, drop: float, samples: list[Sample] | None = None
+    context: Context,
+    cfg: Config,
+    tau: float | None,
+    drop: float | None,
+    samples: list[Sample] | None = None,
 ) -> RecordDict:
     """Keep the cached scores that pass τ (or all but the lowest ``drop`` fraction); counts."""
     cache, oriented, raw = _cached_scores(context)
     samples = samples if samples is not None else load_samples(str(cache["data"]))
-    selection = select(
-        oriented,
-        tau=None if math.isnan(tau) else tau,
-        drop_fraction=drop if math.isnan(tau) else None,
-    )
+    selection = select(oriented, tau=tau, drop_fraction=drop if tau is None else None)
     out_dir = Path(str(cache["out"]))
     true_counts = {
         "total": len(samples),
         "kept": selection.kept,
-        "rejected-below-threshold": selection.rejected_below_threshold,
-        "rejected-non-finite": selection.rejected_non_finite,
+        "rejected_below_threshold": selection.rejected_below_threshold,
+        "rejected_non_finite": selection.rejected_non_finite,
         "truncated": int(cache["truncated"]),
     }
     placement = {k: str(cache[k]) for k in ("device", "dtype", "train_dtype")}
+    local_counts = {wire_key(k): v for k, v in true_counts.items()}
     _write_local(
-        out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, true_counts, placement
+        out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, local_counts, placement
     )
     epsilon = cfg.quality.dp_epsilon
     counts = _release(context, epsilon, true_counts)
@@ -306,22 +326,28 @@ def _select(
             "reported-kept": counts["kept"],
         }
     )
-    return RecordDict({"stats": MetricRecord(counts | _extra(cache, epsilon))})
+    reply = CountsReply(
+        **counts,
+        partition_id=int(cache["partition-id"]),
+        score_seconds=_score_seconds(cache, epsilon),
+    )
+    return RecordDict({reply.RECORD: reply.to_record()})
 
 
 def _release(context: Context, epsilon: float, counts: dict[str, int]) -> dict[str, int]:
     """The counts as the server gets them: with ε > 0 each with its own Laplace(1/ε) noise, from
     the OS's entropy, drawn once per run; a count sent again (the total in the warm-up and the
-    query rounds, the mixture rule's two replies) repeats the released value, which is free."""
+    query rounds, the mixture rule's two replies) repeats the released value, which is free.
+    ``counts`` are named by the reply's fields; the released values are kept under their keys."""
     if epsilon <= 0:
         return {k: int(v) for k, v in counts.items()}
     released = context.state[RELEASED_KEY] if RELEASED_KEY in context.state else ConfigRecord()
     rng = np.random.default_rng()
-    for key, value in counts.items():
-        if key not in released:
-            released[key] = noisy_count(int(value), epsilon, rng)
+    for name, value in counts.items():
+        if wire_key(name) not in released:
+            released[wire_key(name)] = noisy_count(int(value), epsilon, rng)
     context.state[RELEASED_KEY] = released
-    return {k: int(released[k]) for k in counts}
+    return {k: int(released[wire_key(k)]) for k in counts}
 
 
 def _kept_mask(context: Context) -> np.ndarray:
@@ -349,50 +375,44 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
     Batches and LoRA dropout are seeded, and the learning rate set, by the absolute round, so a
     resumed run continues exactly where it stopped.
     """
-    tc = msg.content["config"]
+    tc = TrainConfig.from_record(msg.content[CONFIG_RECORD])
     warmup = msg.metadata.message_type == TRAIN_WARMUP
-    absolute_round = int(tc["server-round"]) + int(tc.get("round-offset", 0))
+    absolute_round = int(tc.server_round or 0) + tc.round_offset
     pid = int(context.node_config.get("partition-id", 0))
-    seed = int(tc["seed"]) * 1_000_003 + absolute_round * 1_009 + pid
+    seed = tc.seed * 1_000_003 + absolute_round * 1_009 + pid
     if warmup:
         data_path, out_dir, _ = node_paths(context, cfg)
         samples = load_samples(data_path)
         weight = _release(context, cfg.quality.dp_epsilon, {"total": len(samples)})["total"]
-        seed = warmup_seed(int(tc["seed"]), absolute_round, pid)
+        seed = warmup_seed(tc.seed, absolute_round, pid)
     else:
         samples = _kept_samples(context)
         out_dir, weight = Path(str(context.state[STATE_KEY]["out"])), _reported_kept(context)
-    loaded = _model(cfg, msg.content["arrays"])
-    curriculum = None if warmup else parse_curriculum(str(tc.get("curriculum", "off")))
+    loaded = _model(cfg, msg.content[ARRAYS_RECORD])
+    curriculum = None if warmup else parse_curriculum(tc.curriculum or "off")
     if curriculum is not None:  # this round's stage of the kept samples
-        rounds = int(tc["total-rounds"])
         samples = _stage_samples(
-            context, loaded, samples, out_dir, absolute_round, rounds, *curriculum
+            context, loaded, samples, out_dir, absolute_round, tc.total_rounds, *curriculum
         )
     journal = out_dir / "train.jsonl"
     phase = {"phase": "warmup"} if warmup else {}
     _journal(journal, {"round": absolute_round, **phase, "event": "start", "kept": len(samples)})
     loss, start = 0.0, time.perf_counter()
-    lr = round_lr(
-        float(tc["lr"]),
-        str(tc.get("lr-schedule", "constant")),
-        absolute_round,
-        int(tc.get("total-rounds", 1)),
-    )
+    lr = round_lr(tc.lr, tc.lr_schedule, absolute_round, tc.total_rounds)
     if samples:
         tok = loaded.tokenizer
         loss, optimizer = train_steps_with_optimizer(
             loaded.model,
-            encode_all(tok, samples, int(tc["max-length"])),
+            encode_all(tok, samples, tc.max_length),
             tok.pad_token_id,
-            int(tc["local-steps"]),
-            int(tc["batch-size"]),
+            tc.local_steps,
+            tc.batch_size,
             lr,
-            float(tc["weight-decay"]),
+            tc.weight_decay,
             seed,
             cfg.train.gradient_checkpointing,
             loaded.placement,
-            float(tc.get("proximal-mu", 0.0)),  # FedProx (train.strategy=fedprox:MU)
+            tc.proximal_mu or 0.0,  # FedProx (train.strategy=fedprox:MU)
         )
         if warmup:
             save_moments(
@@ -401,11 +421,10 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
     seconds = time.perf_counter() - start
     done = {"round": absolute_round, **phase, "event": "done", "lr": lr, "train-loss": loss}
     _journal(journal, done)
-    metrics = {"num-examples": weight, "train-loss": loss}
-    if cfg.quality.dp_epsilon <= 0:
-        metrics["train-seconds"] = seconds
+    seconds = None if cfg.quality.dp_epsilon > 0 else seconds  # under DP it tracks data size
+    metrics = TrainMetrics(weight, loss, seconds)
     arrays = ArrayRecord(get_adapter_state(loaded.model))
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    return RecordDict({ARRAYS_RECORD: arrays, metrics.RECORD: metrics.to_record()})
 
 
 def _stage_samples(
@@ -467,14 +486,14 @@ def _journal(path: Path, entry: dict) -> None:
 def handle_evaluate(msg: Message, context: Context, cfg: Config) -> RecordDict:
     """Loss of the global adapter on this client's kept samples (local validation)."""
     kept = _kept_samples(context)
-    loaded = _model(cfg, msg.content["arrays"])
+    loaded = _model(cfg, msg.content[ARRAYS_RECORD])
     loss = 0.0
     if kept:
         tok = loaded.tokenizer
         encoded = encode_all(tok, kept, cfg.model.max_length)
         loss = evaluate(loaded.model, encoded, tok.pad_token_id)["eval_loss"]
-    metrics = {"num-examples": _reported_kept(context), "eval-loss": loss}
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    metrics = EvaluateMetrics(_reported_kept(context), loss)
+    return RecordDict({metrics.RECORD: metrics.to_record()})
 
 
 def handle_secure(msg: Message, context: Context) -> RecordDict:
@@ -482,34 +501,39 @@ def handle_secure(msg: Message, context: Context) -> RecordDict:
     (:mod:`fedqc.federation.secure_sum`); the session's secrets stay in ``context.state``."""
     kind, asked = msg.metadata.message_type, msg.content[SECURE_RECORD]
     if kind == SECURE_KEYS:
-        state, reply = client_keys()
+        state, keys = client_keys()
+        reply = KeysReply(**keys)
     else:
         state = _secure_state(context)
         if kind == SECURE_SHARES:
-            slot, pk1s, pk2s = int(asked["slot"]), list(asked["pk1"]), list(asked["pk2"])
-            reply = {"ciphertexts": client_shares(state, slot, pk1s, pk2s)}
+            shares = SharesRequest.from_record(asked)
+            reply = SharesReply(client_shares(state, shares.slot, shares.pk1, shares.pk2))
         else:
-            reply = {"shares": client_unmask(state, list(asked["active"]), list(asked["dead"]))}
+            unmask = UnmaskRequest.from_record(asked)
+            reply = UnmaskReply(client_unmask(state, unmask.active, unmask.dead))
     context.state[SECURE_STATE_KEY] = ConfigRecord(state)
-    return RecordDict({SECURE_RECORD: ConfigRecord(reply)})
+    return RecordDict({reply.RECORD: reply.to_record()})
 
 
 def masked_reply(msg: Message, context: Context, content: RecordDict) -> RecordDict:
     """The reply as sent: unchanged, or under a secure sum (the request carries the session's
     ciphertexts) its counts, or histogram and counts, as one masked vector with the partition id
     (the scoring time is not sent)."""
-    if SECURE_RECORD not in msg.content:
+    if MaskRequest.RECORD not in msg.content:
         return content
-    stats = content["stats"]
-    if HISTOGRAM_KEY in stats:
-        vector = [*stats[HISTOGRAM_KEY], *(stats[k] for k in HISTOGRAM_VECTOR_COUNTS)]
+    stats = content[CountsReply.RECORD]
+    if HistogramReply.key("histogram") in stats:
+        hist = HistogramReply.from_record(stats)
+        vector = [*hist.histogram, *(stats[k] for k in HISTOGRAM_VECTOR_COUNTS)]
+        pid = hist.partition_id
     else:
         vector = [stats[k] for k in COUNTS_VECTOR]
+        pid = CountsReply.from_record(stats).partition_id
     state = _secure_state(context)
-    masked = client_mask(state, list(msg.content[SECURE_RECORD]["ciphertexts"]), vector)
+    asked = MaskRequest.from_record(msg.content[MaskRequest.RECORD])
+    reply = MaskedReply(client_mask(state, asked.ciphertexts, vector), pid)
     context.state[SECURE_STATE_KEY] = ConfigRecord(state)
-    pid = stats["partition-id"]
-    return RecordDict({"stats": MetricRecord({MASKED_KEY: masked, "partition-id": pid})})
+    return RecordDict({reply.RECORD: reply.to_record()})
 
 
 def _secure_state(context: Context) -> dict:
@@ -524,7 +548,7 @@ def _write_local(
     raw: np.ndarray,
     keep: np.ndarray,
     scorer: str,
-    tau: float,
+    tau: float | None,
     counts: dict[str, int],
     placement: dict[str, str],
 ) -> None:
@@ -536,7 +560,7 @@ def _write_local(
             fh.write(json.dumps({"id": s.id, "score": value, "keep": bool(k)}) + "\n")
     summary = {
         "scorer": scorer,
-        "tau": None if math.isnan(tau) else tau,
+        "tau": tau,
         **counts,
         "placement": placement,
     }

@@ -48,31 +48,38 @@ from flwr.common.constant import ErrorCode, SType
 
 from fedqc.errors import FedqcError
 from fedqc.federation.protocol import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
     COUNTS,
     DP_RELEASES,
     DP_RELEASES_MIXTURE,
     ERROR_REASONS,
-    EVALUATE_METRICS,
     HISTOGRAM_BINS,
     HISTOGRAM_KEY,
-    HISTOGRAM_REPLY,
     HISTOGRAM_VECTOR_LENGTH,
     MASK_BITS,
     MASKED_KEY,
-    MASKED_REPLY,
+    METRIC_REPLIES,
     MIN_BIN_SHARE,
     QUERY_SCORE,
     REASON_EDGES,
     REASON_FAILED,
     REASON_GUARD,
     REASON_INPUT,
-    REPLY_COUNTS,
     SECURE_KEYS,
     SECURE_MESSAGES,
     SECURE_RECORD,
+    SECURE_REPLIES,
     SECURE_SHARES,
-    TRAIN_METRICS,
     TRAIN_WARMUP,
+    HistogramReply,
+    KeysReply,
+    MaskedReply,
+    QueryConfig,
+    SharesReply,
+    SharesRequest,
+    UnmaskReply,
+    UnmaskRequest,
 )
 from fedqc.federation.secure_sum import (
     CIPHERTEXT_BYTES,
@@ -84,10 +91,10 @@ from fedqc.federation.secure_sum import (
 
 log = logging.getLogger(__name__)
 
-ALLOWED_METRICS = {
-    "stats": set(REPLY_COUNTS) | set(HISTOGRAM_REPLY) | set(MASKED_REPLY),
-    "metrics": set(TRAIN_METRICS + EVALUATE_METRICS),
-}
+# The MetricRecords a reply may hold, each with the keys of the messages that travel in it.
+ALLOWED_METRICS: dict[str, set[str]] = {r.RECORD: set() for r in METRIC_REPLIES}
+for _reply in METRIC_REPLIES:
+    ALLOWED_METRICS[_reply.RECORD] |= set(_reply.record_keys())
 # This node's adapter as the guard expects it: parameter name -> (shape, numpy dtype name).
 AdapterSpec = Mapping[str, tuple[tuple[int, ...], str]]
 
@@ -119,7 +126,7 @@ def check_reply(
         check_masked(content, masked_length)
         return
     for name, record in content.items():
-        if name == "arrays":
+        if name == ARRAYS_RECORD:
             if not isinstance(record, ArrayRecord):
                 raise PrivacyViolation(f"'arrays' must be an ArrayRecord, got {type(record)}")
             check_arrays(record, adapter)
@@ -131,7 +138,7 @@ def check_reply(
                     raise PrivacyViolation(f"'{name}' holds an unknown key '{key}'")
                 if key == MASKED_KEY:
                     raise PrivacyViolation(f"'{name}.{key}' in a reply that is not a secure sum")
-                if name == "stats" and key == HISTOGRAM_KEY:
+                if name == HistogramReply.RECORD and key == HISTOGRAM_KEY:
                     check_histogram(value)
                 elif isinstance(value, list | bool) or not isinstance(value, int | float):
                     raise PrivacyViolation(f"'{name}.{key}' must be one number")
@@ -181,12 +188,15 @@ def check_histogram(value) -> None:
 def check_masked(content, length: int) -> None:
     """A secure sum's data reply: ``stats`` holds a masked vector of ``length`` integers in
     [0, 2^MASK_BITS) and the partition id, and the reply nothing else (no plaintext count)."""
-    if set(content) != {"stats"} or not isinstance(content["stats"], MetricRecord):
-        raise PrivacyViolation("a secure sum's reply must hold the 'stats' MetricRecord only")
-    stats = content["stats"]
-    if set(stats) != set(MASKED_REPLY):
-        raise PrivacyViolation(f"a secure sum's 'stats' must hold exactly {list(MASKED_REPLY)}")
-    pid = stats["partition-id"]
+    name = MaskedReply.RECORD
+    if set(content) != {name} or not isinstance(content[name], MetricRecord):
+        raise PrivacyViolation(f"a secure sum's reply must hold the '{name}' MetricRecord only")
+    stats = content[name]
+    if set(stats) != set(MaskedReply.record_keys()):
+        raise PrivacyViolation(
+            f"a secure sum's '{name}' must hold exactly {list(MaskedReply.record_keys())}"
+        )
+    pid = stats[MaskedReply.key("partition_id")]
     if isinstance(pid, list | bool) or not isinstance(pid, int | float):
         raise PrivacyViolation("'stats.partition-id' must be one number")
     vector = stats[MASKED_KEY]
@@ -202,8 +212,8 @@ def masked_length(kind: str, request) -> int | None:
     """The length of the masked vector a request asks for; None when it asks for no secure sum."""
     if SECURE_RECORD not in request:
         return None
-    config = request.get("config", {})
-    return HISTOGRAM_VECTOR_LENGTH if kind == QUERY_SCORE and "edges" in config else len(COUNTS)
+    mixture = QueryConfig.key("edges") in request.get(CONFIG_RECORD, {})
+    return HISTOGRAM_VECTOR_LENGTH if kind == QUERY_SCORE and mixture else len(COUNTS)
 
 
 def check_secure_reply(kind: str, request, content) -> None:
@@ -212,27 +222,29 @@ def check_secure_reply(kind: str, request, content) -> None:
     if set(content) != {SECURE_RECORD} or not isinstance(content[SECURE_RECORD], ConfigRecord):
         raise PrivacyViolation(f"a {kind} reply must hold the '{SECURE_RECORD}' ConfigRecord only")
     record, asked = content[SECURE_RECORD], request.get(SECURE_RECORD, {})
-    expected = {SECURE_KEYS: {"pk1", "pk2"}, SECURE_SHARES: {"ciphertexts"}}.get(kind, {"shares"})
+    expected = set(SECURE_REPLIES[kind].record_keys())
     if set(record) != expected:
         raise PrivacyViolation(f"a {kind} reply must hold exactly {sorted(expected)}")
     if kind == SECURE_KEYS:
         try:
-            check_public_key(record["pk1"])
-            check_public_key(record["pk2"])
+            for key in KeysReply.record_keys():
+                check_public_key(record[key])
         except SecureSumError as exc:
             raise PrivacyViolation(f"{kind}: {exc}") from None
         return
     if kind == SECURE_SHARES:
-        slots, own = len(asked.get("pk1", [])), asked.get("slot", -1)
-        sizes = [0 if j == own else CIPHERTEXT_BYTES for j in range(slots)]
-        _check_bytes_list(kind, record["ciphertexts"], sizes)
-        for j, token in enumerate(record["ciphertexts"]):
+        # what the client was asked (the handler read it already; no request: no slots)
+        shares = SharesRequest.from_record(asked) if asked else SharesRequest(-1, [], [])
+        own, tokens = shares.slot, record[SharesReply.key("ciphertexts")]
+        sizes = [0 if j == own else CIPHERTEXT_BYTES for j in range(len(shares.pk1))]
+        _check_bytes_list(kind, tokens, sizes)
+        for j, token in enumerate(tokens):
             if j != own and not _is_fernet_token(token):
                 raise PrivacyViolation(f"{kind}: ciphertext {j} is not a Fernet token")
         return
-    active, dead = list(asked.get("active", [])), list(asked.get("dead", []))
-    sizes = [SEED_SHARE_BYTES] * len(active) + [SK_SHARE_BYTES] * len(dead)
-    _check_bytes_list(kind, record["shares"], sizes)
+    unmask = UnmaskRequest.from_record(asked) if asked else UnmaskRequest([], [])
+    sizes = [SEED_SHARE_BYTES] * len(unmask.active) + [SK_SHARE_BYTES] * len(unmask.dead)
+    _check_bytes_list(kind, record[UnmaskReply.key("shares")], sizes)
 
 
 def _check_bytes_list(kind: str, value, sizes: list[int]) -> None:
@@ -319,7 +331,7 @@ class OutgoingGuard:
             elif kind in SECURE_MESSAGES:  # a secure sum's keys, shares or unmasking shares
                 check_secure_reply(kind, msg.content, reply.content)
             else:  # only a train reply (train, train.warmup) may carry the adapter
-                trains = kind.split(".")[0] == MessageType.TRAIN and "arrays" in reply.content
+                trains = kind.split(".")[0] == MessageType.TRAIN and ARRAYS_RECORD in reply.content
                 adapter = self.adapter_of(context) if trains else None
                 check_reply(reply.content, adapter, masked_length(kind, msg.content))
         except PrivacyViolation as exc:  # one line: what was stopped (the node's own log)

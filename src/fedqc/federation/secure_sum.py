@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     decrypt,
@@ -75,11 +75,18 @@ from flwr.supercore.primitives.asymmetric import (
 from fedqc.errors import FedqcError
 from fedqc.federation.protocol import (
     MASK_BITS,
-    MASKED_KEY,
     SECURE_KEYS,
-    SECURE_RECORD,
     SECURE_SHARES,
     SECURE_UNMASK,
+    KeysReply,
+    KeysRequest,
+    MaskedReply,
+    MaskRequest,
+    SharesReply,
+    SharesRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    Wire,
 )
 
 MODULUS = 1 << MASK_BITS
@@ -313,10 +320,12 @@ def run_session(
     dropped: list[dict] = []
     first = max(2, need)
     grid.min_answers |= {SECURE_KEYS: first, SECURE_SHARES: first}
-    keys = _exchange(grid, {n: {} for n in nodes}, SECURE_KEYS, timeout, dropped)
+    keys = _exchange(
+        grid, {n: KeysRequest() for n in nodes}, SECURE_KEYS, KeysReply, timeout, dropped
+    )
     slots = sorted(keys)
-    pk1s = [bytes(keys[n]["pk1"]) for n in slots]
-    pk2s = [bytes(keys[n]["pk2"]) for n in slots]
+    pk1s = [keys[n].pk1 for n in slots]
+    pk2s = [keys[n].pk2 for n in slots]
     if len(set(pk1s) | set(pk2s)) != 2 * len(slots):
         raise FedqcError("secure sum: two nodes sent the same public key")
     n, t = len(slots), threshold_for(len(slots))
@@ -329,18 +338,18 @@ def run_session(
                 f"of the {n} that sent keys): too many dropped out"
             )
 
-    asked = {node: {"slot": i, "pk1": pk1s, "pk2": pk2s} for i, node in enumerate(slots)}
-    sent = _exchange(grid, asked, SECURE_SHARES, timeout, dropped)
+    asked = {node: SharesRequest(i, pk1s, pk2s) for i, node in enumerate(slots)}
+    sent = _exchange(grid, asked, SECURE_SHARES, SharesReply, timeout, dropped)
     enough(len(sent), "sent their shares")
-    ciphertexts = {slots.index(node): list(r["ciphertexts"]) for node, r in sent.items()}
+    ciphertexts = {slots.index(node): r.ciphertexts for node, r in sent.items()}
     if any(len(c) != n for c in ciphertexts.values()):
         raise FedqcError("secure sum: a node sent shares for another number of slots")
     senders = sorted(ciphertexts)
     messages = []
     for i in senders:
         content = content_of(slots[i])
-        own = [ciphertexts[j][i] if j in ciphertexts else b"" for j in range(n)]
-        content[SECURE_RECORD] = ConfigRecord({"ciphertexts": own})
+        own = MaskRequest([ciphertexts[j][i] if j in ciphertexts else b"" for j in range(n)])
+        content[own.RECORD] = own.to_record()
         messages.append(Message(content, dst_node_id=slots[i], message_type=kind))
     replies = _replies(grid, messages, timeout, dropped)
     masked, partition = {}, {}
@@ -348,19 +357,23 @@ def run_session(
         reply = replies.get(slots[i])
         if reply is None:
             continue
-        vector = list(reply["stats"][MASKED_KEY])
-        if len(vector) != length or not all(0 <= int(v) < MODULUS for v in vector):
+        try:
+            answer = MaskedReply.from_record(reply[MaskedReply.RECORD])
+        except (KeyError, TypeError, ValueError):
+            answer = None
+        vector = [] if answer is None else answer.masked
+        if len(vector) != length or not all(0 <= v < MODULUS for v in vector):
             raise FedqcError(f"secure sum: node {slots[i]} sent a malformed masked vector")
-        masked[i], partition[slots[i]] = vector, int(reply["stats"]["partition-id"])
+        masked[i], partition[slots[i]] = vector, answer.partition_id
     enough(len(masked), f"sent their masked {kind} reply")
     active, dead = sorted(masked), [i for i in senders if i not in masked]
-    asked = {slots[i]: {"active": active, "dead": dead} for i in active}
-    answers = _exchange(grid, asked, SECURE_UNMASK, timeout, dropped)
+    asked = {slots[i]: UnmaskRequest(active, dead) for i in active}
+    answers = _exchange(grid, asked, SECURE_UNMASK, UnmaskReply, timeout, dropped)
     enough(len(answers), "answered query.unmask")
     held: dict[int, list[bytes]] = {s: [] for s in (*active, *dead)}
     for answer in answers.values():
-        for s, share in zip((*active, *dead), answer["shares"], strict=True):
-            held[s].append(bytes(share))
+        for s, share in zip((*active, *dead), answer.shares, strict=True):
+            held[s].append(share)
     try:
         total = unmask_sum(length, pk1s, masked, dead, held)
     except (SecureSumError, ValueError) as exc:
@@ -368,17 +381,17 @@ def run_session(
     return total, partition, dropped
 
 
-def _exchange(grid, asked: dict, kind: str, timeout: float, dropped: list) -> dict:
-    """Send each node its session record; {node: the reply's session record} of those that
+def _exchange(
+    grid, asked: dict[int, Wire], kind: str, reply: type[Wire], timeout: float, dropped: list
+) -> dict:
+    """Send each node its session record; {node: its reply, read as ``reply``} of those that
     answered."""
     messages = [
-        Message(
-            RecordDict({SECURE_RECORD: ConfigRecord(body)}), dst_node_id=node, message_type=kind
-        )
+        Message(RecordDict({body.RECORD: body.to_record()}), dst_node_id=node, message_type=kind)
         for node, body in asked.items()
     ]
     return {
-        node: content[SECURE_RECORD]
+        node: reply.from_record(content[reply.RECORD])
         for node, content in _replies(grid, messages, timeout, dropped).items()
     }
 

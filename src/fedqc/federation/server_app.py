@@ -16,12 +16,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -31,13 +32,12 @@ from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
 from fedqc.federation.checkpoint import (
     CHECKPOINT_DIR,
-    check_resumable,
-    load_checkpoint,
     load_optimizer,
+    resume_point,
     save_checkpoint,
 )
 from fedqc.federation.privacy import privacy_budget
-from fedqc.federation.protocol import QUERY_SCORE
+from fedqc.federation.protocol import ARRAYS_RECORD, QUERY_SCORE, QueryConfig
 from fedqc.federation.query import query_round
 from fedqc.federation.strategy import (
     ParticipationGrid,
@@ -45,17 +45,11 @@ from fedqc.federation.strategy import (
     optimizer_state,
     restore_optimizer_state,
     round_row,
-    train_config,
+    run_rounds,
 )
-from fedqc.federation.warmup import query_payload, resumes_from_warmup, run_warmup
+from fedqc.federation.warmup import query_payload, run_warmup
 from fedqc.models.loading import load, set_adapter_state
-from fedqc.quality.plan import (
-    few_shot_prefix,
-    plan_from_anchors,
-    plan_shots,
-    write_json,
-    write_plan,
-)
+from fedqc.quality.plan import few_shot_prefix, plan_from_anchors, plan_shots, write_json
 from fedqc.quality.rules import Rule, parse_rule
 from fedqc.scoring.ensemble import is_ensemble
 from fedqc.scoring.scorers import any_scorer, batch_tokens_for, is_checkpoint_scorer
@@ -113,9 +107,31 @@ def build_server_app(cfg: Config | None = None, stages: Stages | None = None) ->
 
 
 def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
+    """The run: phase 0 (checkpoint scorers) federated warm-up, phase 1 quality (τ from the
+    anchors, the clients score and select), phase 2 federated LoRA on the kept samples."""
     run_dir = _run_dir(cfg)
-    resumed = _resume_state(run_dir, cfg)
+    resumed = resume_point(run_dir, cfg) if cfg.output.resume else None
     grid = ParticipationGrid(grid)
+    nodes = _connect(grid, cfg, stages)
+    loaded = load(cfg.model)
+    scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
+    eval_set = _eval_set(cfg, loaded)
+    history: list[dict] = list(resumed[0]["history"]) if resumed else []
+    checkpoints = None
+    if warmup := _phase0_warmup(cfg, grid, loaded, run_dir, nodes, eval_set, stages, resumed):
+        checkpoints, rows = warmup
+        history.extend(rows)
+    tau, selection = _phase1_quality(
+        cfg, grid, loaded, run_dir, nodes, stages, scorer, rule, checkpoints, resumed
+    )
+    initial = ArrayRecord(loaded.initial_adapter)
+    _phase2_training(
+        cfg, grid, loaded, run_dir, stages, tau, selection, initial, resumed, eval_set, history
+    )
+
+
+def _connect(grid: ParticipationGrid, cfg: Config, stages: Stages) -> list[int]:
+    """The nodes of the run, once they have joined."""
     stages.stage("waiting for nodes")
     nodes = wait_for_nodes(
         grid, cfg.data.num_clients, cfg.federation.min_nodes, cfg.federation.join_timeout
@@ -125,51 +141,67 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
             f"quality.secure-sum needs at least 2 nodes: {len(nodes)} connected (a sum over one "
             "client is its own counts)"
         )
-    loaded = load(cfg.model)
-    scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
-    eval_set = _eval_set(cfg, loaded)
-    history: list[dict] = list(resumed[0]["history"]) if resumed else []
+    return nodes
 
-    # Phase 0, checkpoint scorers: federated warm-up rounds on the unfiltered data give θ_k, η_k.
-    checkpoints = None
-    if is_checkpoint_scorer(scorer.name) and resumed is not None:
-        checkpoints = load_warmup(run_dir)
-    elif is_checkpoint_scorer(scorer.name):
-        w = cfg.quality.warmup_rounds
-        done = finished_warmup(run_dir, cfg) if cfg.output.resume else ([], [])
-        if done[0]:
-            log.info("resuming the warm-up after round %d of %d", len(done[0]), w)
-        stages.stage(f"warm-up: {w} federated LoRA rounds on the unfiltered data", w - len(done[0]))
-        checkpoints, rows = run_warmup(
-            cfg, grid, loaded, run_dir, nodes, eval_set, stages.advance, done
-        )
-        history.extend(rows)
 
-    # Phase 1, server: the anchor plan sets τ (a resumed run reuses the saved τ).
-    scorer, tau, anchor_oriented, extra, records = _phase1_server(
-        cfg, loaded, scorer, rule, run_dir, stages, checkpoints, resumed
-    )
+def _phase0_warmup(
+    cfg: Config,
+    grid: ParticipationGrid,
+    loaded,
+    run_dir: Path,
+    nodes: list[int],
+    eval_set: list,
+    stages: Stages,
+    resumed: tuple[dict, ArrayRecord] | None,
+) -> tuple[list, list[dict]] | None:
+    """Checkpoint scorers: federated warm-up rounds on the unfiltered data give θ_k, η_k:
+    (checkpoints, metrics rows of the rounds run now); None for the other scorers. A run resumed
+    in phase 2 reads its checkpoints back."""
+    if not is_checkpoint_scorer(cfg.quality.scorer):
+        return None
+    if resumed is not None:
+        return load_warmup(run_dir), []
+    w = cfg.quality.warmup_rounds
+    done = finished_warmup(run_dir, cfg) if cfg.output.resume else ([], [])
+    if done[0]:
+        log.info("resuming the warm-up after round %d of %d", len(done[0]), w)
+    stages.stage(f"warm-up: {w} federated LoRA rounds on the unfiltered data", w - len(done[0]))
+    return run_warmup(cfg, grid, loaded, run_dir, nodes, eval_set, stages.advance, done)
 
-    # Phase 1, clients: the query round carries τ (or the mixture's bin edges), the scorer
-    # settings and the initial adapter (checkpoint scorers: also the checkpoints, anchor info).
-    q = cfg.quality
-    qc = {
-        "scorer": scorer.name,
-        "rule": str(rule),
-        "model": cfg.model.name,
-        "tau": math.nan if tau is None else tau,
-        "drop-fraction": rule.value if rule.kind == "drop-fraction" else math.nan,
-        "max-length": cfg.model.max_length,
-        "batch-tokens": batch_tokens_for(q.scorer, q.batch_tokens, q.backward_batch_tokens),
-        **({"calibration": scorer.calibration} if is_ensemble(scorer.name) else {}),
-        **extra,
-    }
+
+def _phase1_quality(
+    cfg: Config,
+    grid: ParticipationGrid,
+    loaded,
+    run_dir: Path,
+    nodes: list[int],
+    stages: Stages,
+    scorer,
+    rule: Rule,
+    checkpoints: list | None,
+    resumed: tuple[dict, ArrayRecord] | None,
+) -> tuple[float | None, dict]:
+    """The anchor plan sets τ (a resumed run reuses the saved τ); the query round carries it
+    (or the mixture's bin edges), the scorer settings and the initial adapter (checkpoint
+    scorers: also the checkpoints, anchor info) to the clients, which score and select
+    locally. (τ, selection.json)."""
+    plan = _plan(cfg, loaded, scorer, rule, stages, checkpoints, resumed)
     initial = ArrayRecord(loaded.initial_adapter)
     stages.stage(f"phase 1: {len(nodes)} clients score and select locally")
+    if plan.threshold is not None:
+        write_json(run_dir / "threshold.json", plan.threshold)
     _record_budget(run_dir, cfg, rule, checkpoints is not None, resumed)  # before they answer
     phase1 = query_round(
-        grid, nodes, cfg, qc, {"arrays": initial, **records}, scorer, anchor_oriented, run_dir
+        grid,
+        nodes,
+        cfg,
+        plan.query,
+        {ARRAYS_RECORD: initial, **plan.records},
+        plan.scorer,
+        plan.anchor_oriented,
     )
+    if phase1.mixture is not None:  # rule mixture: the record of the τ query.select carried
+        _update_threshold(run_dir, phase1.mixture)
     tau, selection = phase1.tau, _selection(phase1, rule)
     write_json(run_dir / "selection.json", selection)
     if resumed is not None and cfg.quality.dp_epsilon <= 0:
@@ -186,14 +218,14 @@ def run_server(grid: Grid, cfg: Config, stages: Stages) -> None:
         if s["sat-out"]:
             log.warning("client %s kept no samples: it sits out training", s["partition-id"])
     if sums["kept"] == 0 and not cfg.quality.allow_empty:
-        where = "the rule" if tau is None else f"τ = {scorer.raw(tau):.6g} ({scorer.name})"
+        where = (
+            "the rule" if tau is None else f"τ = {plan.scorer.raw(tau):.6g} ({plan.scorer.name})"
+        )
         raise FedqcError(
             f"{where} drops every sample in the federation; use a looser quality.rule "
             "(e.g. anchor-quantile:0.1), or allow it with --allow-empty (quality.allow-empty)"
         )
-
-    # Phase 2: FedAvg on the kept samples, weighted by the kept counts.
-    _train(cfg, grid, loaded, run_dir, stages, tau, selection, initial, resumed, eval_set, history)
+    return tau, selection
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -217,21 +249,6 @@ def _run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def _resume_state(run_dir: Path, cfg: Config) -> tuple[dict, ArrayRecord] | None:
-    if not cfg.output.resume:
-        return None
-    if resumes_from_warmup(run_dir, cfg):
-        return None  # stopped before phase 2's first checkpoint: reuse the warm-up, redo the rest
-    state, arrays = load_checkpoint(run_dir)
-    check_resumable(state["config"], cfg.to_flat())
-    if state["round"] > cfg.train.rounds:
-        raise FedqcError(
-            f"{run_dir}: the checkpoint is at round {state['round']}, beyond train.rounds = "
-            f"{cfg.train.rounds}"
-        )
-    return state, arrays
-
-
 def _eval_set(cfg: Config, loaded) -> list:
     if not cfg.data.eval:
         return []
@@ -247,23 +264,36 @@ def _anchors(cfg: Config, who: str) -> list:
     return load_samples(cfg.data.anchors)
 
 
-def _phase1_server(
-    cfg: Config, loaded, scorer, rule: Rule, run_dir: Path, stages: Stages, checkpoints, resumed
-) -> tuple:
-    """(the scorer, calibrated on the anchors if it is an ensemble; τ on the oriented scale, None
-    for drop-fraction and for mixture (fitted after the histograms); the anchors' oriented scores;
-    extra query config; extra query records), from the anchor plan
-    (:func:`fedqc.quality.plan.plan_from_anchors`), written to threshold.json.
+@dataclass(frozen=True)
+class ServerPlan:
+    """Phase 1 on the server: the (calibrated) scorer, τ on the oriented scale (None for
+    drop-fraction and for mixture, fitted after the histograms), the anchors' oriented scores,
+    the query message with its records, and threshold.json's record (None for a resumed run:
+    it keeps its own)."""
+
+    scorer: object
+    tau: float | None
+    anchor_oriented: np.ndarray | None
+    query: QueryConfig
+    records: dict[str, ArrayRecord]
+    threshold: dict | None
+
+
+def _plan(
+    cfg: Config, loaded, scorer, rule: Rule, stages: Stages, checkpoints, resumed
+) -> ServerPlan:
+    """The anchor plan (:func:`fedqc.quality.plan.plan_from_anchors`) and the query message.
 
     Checkpoint scorers: the anchor info is always needed (the anchors' mean gradients or tokens);
-    the anchors are scored at the same checkpoints when the rule needs their scores.
+    the anchors are scored at the same checkpoints when the rule needs their scores. A resumed
+    run keeps its τ and its threshold.json (an ensemble re-calibrates on the anchors).
     """
     checkpoint = checkpoints is not None
     shots = plan_shots(scorer.name, cfg.quality.shots, bool(cfg.data.anchors))
     anchors = None
     if checkpoint or rule.needs_anchors or shots:
         anchors = _anchors(cfg, f"scorer '{scorer.name}'" if checkpoint else f"rule '{rule}'")
-    extra, records, anchor_scores = {}, {}, None
+    records, anchor_scores, warmup = {}, None, {}
     fresh = resumed is None or is_ensemble(scorer.name)
     if checkpoint:
         if fresh:
@@ -274,11 +304,14 @@ def _phase1_server(
         info, anchor_scores = anchor_side(
             cfg, loaded, anchors, checkpoints, with_scores=fresh and rule.needs_anchors
         )
-        extra, records = query_payload(checkpoints, info)
+        records = query_payload(checkpoints, info)
+        warmup = {"fingerprint": info.fingerprint, "checkpoint_lrs": [c.lr for c in checkpoints]}
     if not fresh:
         log.info("resuming after round %d with the saved τ", resumed[0]["round"])
         prefix = few_shot_prefix(loaded, anchors, shots, cfg.model.max_length)
-        return scorer, resumed[0]["tau"], None, extra | _prefix(prefix), records
+        tau = resumed[0]["tau"]
+        query = _query_config(cfg, scorer, rule, tau, prefix, None, warmup)
+        return ServerPlan(scorer, tau, None, query, records, None)
     if not checkpoint and rule.needs_anchors:
         stages.stage(
             f"phase 1: scoring {len(anchors)} anchors ({scorer.name}, {shots} shots)",
@@ -295,32 +328,53 @@ def _phase1_server(
         on_batch=stages.advance,
         anchor_scores=anchor_scores,
     )
-    write_plan(
-        run_dir / "threshold.json",
-        plan,
+    threshold = plan.record() | {
+        "model": cfg.model.name,
+        "max_length": cfg.model.max_length,
+        "placement": loaded.placement.describe(),
+    }
+    if checkpoint:
+        threshold |= {
+            "fingerprint": warmup["fingerprint"],
+            "warmup_rounds": len(checkpoints),
+            "checkpoint_lrs": warmup["checkpoint_lrs"],
+        }
+    query = _query_config(cfg, plan.scorer, rule, plan.tau, plan.prefix, plan.edges, warmup)
+    return ServerPlan(plan.scorer, plan.tau, plan.anchor_oriented, query, records, threshold)
+
+
+def _query_config(
+    cfg: Config,
+    scorer,
+    rule: Rule,
+    tau: float | None,
+    prefix: tuple[int, ...],
+    edges: list[float] | None,
+    warmup: dict,
+) -> QueryConfig:
+    """query.score's settings: what every client scores and selects with."""
+    q = cfg.quality
+    return QueryConfig(
+        scorer=scorer.name,
+        rule=str(rule),
         model=cfg.model.name,
         max_length=cfg.model.max_length,
-        placement=loaded.placement.describe(),
-        **(
-            {
-                "fingerprint": extra["fingerprint"],
-                "warmup_rounds": len(checkpoints),
-                "checkpoint_lrs": extra["checkpoint-lrs"],
-            }
-            if checkpoint
-            else {}
-        ),
+        batch_tokens=batch_tokens_for(q.scorer, q.batch_tokens, q.backward_batch_tokens),
+        tau=tau,
+        drop_fraction=rule.value if rule.kind == "drop-fraction" else None,
+        calibration=scorer.calibration if is_ensemble(scorer.name) else None,
+        prefix=list(prefix) or None,
+        edges=edges,
+        **warmup,
     )
-    extra |= _prefix(plan.prefix) | ({"edges": plan.edges} if plan.edges is not None else {})
-    return plan.scorer, plan.tau, plan.anchor_oriented, extra, records
-
-
-def _prefix(prefix: tuple[int, ...]) -> dict:
-    return {"prefix": list(prefix)} if prefix else {}
 
 
 def _record_budget(
-    run_dir: Path, cfg: Config, rule: Rule, warmup: bool, resumed: tuple[dict, ArrayRecord] | None
+    run_dir: Path,
+    cfg: Config,
+    rule: Rule,
+    warmup: bool,
+    resumed: tuple[dict, ArrayRecord] | None,
 ) -> None:
     """threshold.json's ``privacy_budget``: what one client's noisy counts cost this run so far
     (:func:`fedqc.federation.privacy.privacy_budget`), counting the query rounds of the earlier
@@ -328,8 +382,7 @@ def _record_budget(
     earlier = resumed[0]["participation"] if resumed else []
     rounds = 1 + sum(e["phase"] == QUERY_SCORE for e in earlier)
     budget = privacy_budget(cfg.quality.dp_epsilon, rule.needs_histograms, warmup, rounds)
-    path = run_dir / "threshold.json"
-    write_json(path, json.loads(path.read_text()) | {"privacy_budget": budget})
+    _update_threshold(run_dir, {"privacy_budget": budget})
     if budget is not None:
         log.info(
             "privacy: ε = %.4g per client for the counts (basic composition, %d releases × "
@@ -339,6 +392,12 @@ def _record_budget(
             budget["epsilon"],
             rounds,
         )
+
+
+def _update_threshold(run_dir: Path, fields: dict) -> None:
+    """Add ``fields`` to the run's record threshold.json (the server reads nothing back)."""
+    path = run_dir / "threshold.json"
+    write_json(path, json.loads(path.read_text()) | fields)
 
 
 def _selection(phase1, rule: Rule) -> dict:
@@ -395,7 +454,7 @@ def _check_same_selection(saved: dict | list, now: dict) -> None:
             )
 
 
-def _train(
+def _phase2_training(
     cfg: Config,
     grid: ParticipationGrid,
     loaded,
@@ -425,10 +484,9 @@ def _train(
         restore_optimizer_state(strategy, load_optimizer(run_dir, resumed[0]))
     final = {"arrays": start}
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        r = server_round + offset
+    def on_round(r: int, arrays: ArrayRecord, initial: bool) -> MetricRecord | None:
         final["arrays"] = arrays
-        if resumed and server_round == 0:  # evaluated before the interruption
+        if resumed and initial:  # evaluated before the interruption
             return None
         set_adapter_state(loaded.model, arrays.to_torch_state_dict())
         loaded.model.save_pretrained(run_dir / "rounds" / f"round-{r}")
@@ -463,21 +521,14 @@ def _train(
         )
 
     remaining = cfg.train.rounds - offset
-    grid.min_answers = {"train": min(cfg.federation.min_nodes, max(1, len(clients)))}
     if clients and remaining > 0:
         stages.stage(f"phase 2: federated LoRA, rounds {offset + 1}–{cfg.train.rounds}", remaining)
-        strategy.start(
-            grid=grid,
-            initial_arrays=start,
-            num_rounds=remaining,
-            timeout=cfg.federation.timeout,
-            train_config=train_config(cfg, offset, cfg.train.rounds, cfg.quality.curriculum),
-            evaluate_fn=evaluate_fn,
-        )
+        rounds = (offset, cfg.train.rounds)
+        run_rounds(cfg, grid, strategy, start, rounds, on_round, cfg.quality.curriculum)
     else:
         if not clients:
             log.warning("no client kept a sample: no training rounds (quality.allow-empty)")
-        evaluate_fn(0, start)
+        on_round(offset, start, True)
     set_adapter_state(loaded.model, final["arrays"].to_torch_state_dict())
     loaded.model.save_pretrained(run_dir / "adapter")
     write_json(run_dir / "participation.json", grid.exchanges)

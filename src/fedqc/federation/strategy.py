@@ -53,7 +53,7 @@ from flwr.serverapp.strategy import (
 
 from fedqc.config import Config
 from fedqc.errors import FedqcError
-from fedqc.federation.protocol import TRAIN_WARMUP
+from fedqc.federation.protocol import TRAIN_WARMUP, TrainConfig
 from fedqc.train.merge import merge_adapters, parse_aggregation
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class _Selection(FedAvg):
                 "samples is connected; resume once they are back"
             )
         self._global = arrays  # the task vectors of a merge are the clients' changes to it
-        config["server-round"] = server_round
+        config[TrainConfig.key("server_round")] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, nodes, self.message_type)
 
@@ -176,7 +176,7 @@ class _Selection(FedAvg):
         k = min(len(nodes), max(1, int(len(nodes) * self.fraction_evaluate)))
         rng = random.Random(self.seed * 7_919 + self.recorder.round)
         chosen = sorted(rng.sample(nodes, k), key=self._order)
-        config["server-round"] = server_round
+        config[TrainConfig.key("server_round")] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, chosen, MessageType.EVALUATE)
 
@@ -396,22 +396,52 @@ def train_config(
     cfg: Config, offset: int, total_rounds: int, curriculum: str | None = None
 ) -> ConfigRecord:
     """What every training round (warm-up and phase 2) tells the clients: the local steps and
-    the schedule's place (``round-offset`` rounds done of ``total-rounds``); phase 2 adds the
+    the schedule's place (``offset`` rounds done of ``total_rounds``); phase 2 adds the
     curriculum (``quality.curriculum``)."""
     t = cfg.train
-    return ConfigRecord(
-        {
-            "local-steps": t.local_steps,
-            "batch-size": t.batch_size,
-            "lr": t.lr,
-            "lr-schedule": t.lr_schedule,
-            "weight-decay": t.weight_decay,
-            "seed": t.seed,
-            "max-length": cfg.model.max_length,
-            "round-offset": offset,
-            "total-rounds": total_rounds,
-            **({"curriculum": curriculum} if curriculum is not None else {}),
-        }
+    return TrainConfig(
+        local_steps=t.local_steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        lr_schedule=t.lr_schedule,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        max_length=cfg.model.max_length,
+        round_offset=offset,
+        total_rounds=total_rounds,
+        curriculum=curriculum,
+    ).to_record()
+
+
+def run_rounds(
+    cfg: Config,
+    grid: ParticipationGrid,
+    strategy: Strategy,
+    start: ArrayRecord,
+    rounds: tuple[int, int],
+    on_round: Callable[[int, ArrayRecord, bool], MetricRecord | None],
+    curriculum: str | None = None,
+) -> None:
+    """The round loop of the warm-up and of phase 2: rounds ``done + 1 .. total`` (``rounds`` is
+    (done, total)) of ``strategy`` from the adapter ``start``, each needing the answers of
+    federation.min-nodes of its clients (fewer if it has fewer). ``on_round(r, arrays, initial)``
+    records the global adapter after absolute round r (and once before the first round, with
+    ``initial`` True) and returns the server-side metrics of it."""
+    done, total = rounds
+    base = getattr(strategy, "strategy", strategy)
+    need = min(cfg.federation.min_nodes, max(1, len(base.clients)))
+    grid.min_answers = {base.message_type: need}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        return on_round(server_round + done, arrays, server_round == 0)
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=start,
+        num_rounds=total - done,
+        timeout=cfg.federation.timeout,
+        train_config=train_config(cfg, done, total, curriculum),
+        evaluate_fn=evaluate_fn,
     )
 
 

@@ -9,10 +9,10 @@ Server side:
   by the clients' sample counts). The global adapter after round k is the checkpoint θ_k and
   η_k = round_lr(train.lr, train.lr-schedule, k, W), saved after every round. A run stopped before
   phase 2's first checkpoint resumes from its last finished warm-up round
-  (:func:`fedqc.scoring.warmup.finished_warmup`, :func:`resumes_from_warmup`): those rounds are
-  not trained again.
-- :func:`query_payload`: what the query message adds: the checkpoints, their η_k, the anchor info
-  and the fingerprint of (checkpoints, settings).
+  (:func:`fedqc.scoring.warmup.finished_warmup`,
+  :func:`fedqc.federation.checkpoint.resumes_from_warmup`): those rounds are not trained again.
+- :func:`query_payload`: the records the query message adds: the checkpoints and the anchor info
+  (its config adds their η_k and the fingerprint of (checkpoints, settings)).
 
 Client side:
 
@@ -37,20 +37,18 @@ from fedqc.config import Config
 from fedqc.data.encoding import Encoded
 from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
-from fedqc.federation.checkpoint import has_checkpoint
-from fedqc.federation.protocol import ANCHOR_INFO_RECORD, CHECKPOINT_RECORD, TRAIN_WARMUP
-from fedqc.federation.strategy import (
-    ParticipationGrid,
-    build_strategy,
-    round_row,
-    train_config,
+from fedqc.federation.protocol import (
+    ANCHOR_INFO_RECORD,
+    CHECKPOINT_RECORD,
+    TRAIN_WARMUP,
+    QueryConfig,
 )
+from fedqc.federation.strategy import ParticipationGrid, build_strategy, round_row, run_rounds
 from fedqc.models.loading import LoadedModel
 from fedqc.scoring.checkpointed import AnchorInfo, score_with_checkpoints
 from fedqc.scoring.gradient import Checkpoint, ScoringSettings
-from fedqc.scoring.scorers import Scores, is_checkpoint_scorer
+from fedqc.scoring.scorers import Scores
 from fedqc.scoring.warmup import (
-    WARMUP_FILE,
     read_moments,
     save_round,
     unflatten_moments,
@@ -73,7 +71,7 @@ def run_warmup(
     run_dir: Path,
     nodes: list[int],
     eval_set: list[Encoded],
-    on_round: Callable[[], None],
+    on_done: Callable[[], None],
     done: tuple[list[Checkpoint], list[dict]] = ([], []),
 ) -> tuple[list[Checkpoint], list[dict]]:
     """W FedAvg rounds on the unfiltered data: (checkpoints θ_k with η_k, metrics rows).
@@ -89,10 +87,9 @@ def run_warmup(
     clients = {n: -1 for n in nodes}  # partition ids come later (query round): order by node id
     strategy = build_strategy(cfg, clients, grid, offset, TRAIN_WARMUP)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
+    def on_round(k: int, arrays: ArrayRecord, initial: bool) -> MetricRecord | None:
+        if initial:
             return None
-        k = server_round + offset
         adapter = arrays.to_torch_state_dict()
         lr = round_lr(t.lr, t.lr_schedule, k, w)
         checkpoints.append(Checkpoint(adapter, lr))
@@ -104,46 +101,26 @@ def run_warmup(
         row = {"phase": "warmup", "round": k, "lr": lr, **metrics}
         rows.append(row | round_row(strategy, grid, k, (TRAIN_WARMUP,)))
         write_warmup(run_dir, checkpoints, rows, w)
-        on_round()
+        on_done()
         return MetricRecord(metrics) if metrics else None
 
-    grid.min_answers = {TRAIN_WARMUP: min(cfg.federation.min_nodes, len(nodes))}
     start = checkpoints[-1].adapter if checkpoints else loaded.initial_adapter
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(dict(start)),
-        num_rounds=w - offset,
-        timeout=cfg.federation.timeout,
-        train_config=train_config(cfg, offset, w),
-        evaluate_fn=evaluate_fn,
-    )
+    run_rounds(cfg, grid, strategy, ArrayRecord(dict(start)), (offset, w), on_round)
     grid.round = 0
     loaded.reset_adapter()
     return checkpoints, rows
 
 
-def resumes_from_warmup(run_dir: Path, cfg: Config) -> bool:
-    """True for a checkpoint-scorer run stopped before phase 2's first checkpoint, with warm-up
-    rounds on disk: a resume reuses them and runs the rest again."""
-    return (
-        is_checkpoint_scorer(cfg.quality.scorer)
-        and not has_checkpoint(Path(run_dir))
-        and (Path(run_dir) / WARMUP_FILE).is_file()
-    )
-
-
-def query_payload(
-    checkpoints: list[Checkpoint], info: AnchorInfo
-) -> tuple[dict, dict[str, ArrayRecord]]:
-    """(config entries, records) the query message adds for a checkpoint scorer."""
-    config = {"fingerprint": info.fingerprint, "checkpoint-lrs": [c.lr for c in checkpoints]}
+def query_payload(checkpoints: list[Checkpoint], info: AnchorInfo) -> dict[str, ArrayRecord]:
+    """The records the query message adds for a checkpoint scorer (its config adds
+    ``info.fingerprint`` and the checkpoints' η_k)."""
     records = {
         CHECKPOINT_RECORD.format(k=k): ArrayRecord(dict(c.adapter))
         for k, c in enumerate(checkpoints, 1)
     }
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in info.to_arrays().items()}
     records[ANCHOR_INFO_RECORD] = ArrayRecord(tensors)
-    return config, records
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,17 +150,16 @@ def load_moments(
 
 def client_scores(
     content: RecordDict,
+    qc: QueryConfig,
     context: Context,
     loaded: LoadedModel,
     samples: list[Sample],
     out_dir: Path,
-    batch_tokens: int,
 ) -> Scores:
     """Score this node's samples at the server's checkpoints, after the fingerprint check."""
-    qc = content["config"]
-    name = str(qc["scorer"])
+    name = qc.scorer
     checkpoints = []
-    for k, lr in enumerate((float(x) for x in qc["checkpoint-lrs"]), 1):
+    for k, lr in enumerate(qc.checkpoint_lrs or [], 1):
         moments = None
         if name == "clues":
             moments = load_moments(context, out_dir, k)
@@ -195,8 +171,8 @@ def client_scores(
         adapter = content[CHECKPOINT_RECORD.format(k=k)].to_torch_state_dict()
         checkpoints.append(Checkpoint(adapter, lr, moments))
     arrays = {key: a.numpy() for key, a in content[ANCHOR_INFO_RECORD].items()}
-    info = AnchorInfo.from_arrays(name, str(qc["fingerprint"]), arrays)
-    settings = ScoringSettings.for_model(loaded.tokenizer, name, int(qc["max-length"]))
+    info = AnchorInfo.from_arrays(name, str(qc.fingerprint), arrays)
+    settings = ScoringSettings.for_model(loaded.tokenizer, name, qc.max_length)
     return score_with_checkpoints(
-        loaded, samples, checkpoints, info, settings, batch_tokens=batch_tokens
+        loaded, samples, checkpoints, info, settings, batch_tokens=qc.batch_tokens
     )
