@@ -216,6 +216,7 @@ def _paper_arm(cfg, loaded, data, fed, losses, anchor_losses, types, stages):
     outcome. The pool and the anchors are scored again without demonstrations unless the main
     scoring already was zero-shot."""
     if cfg.quality.shots:
+        load_adapter(loaded, None)  # the untrained model scores, as in the main pass
         losses, anchor_losses = score_pool(loaded, cfg, data, 0, stages)
     d = cfg.data
     anchors = np.arange(d.num_anchors)
