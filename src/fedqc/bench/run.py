@@ -358,7 +358,12 @@ def _train_rows(arms: list[Arm], runs: dict, base: dict, summary: dict) -> dict[
             "rounds": final.get("round", 0),
             "seeds": len(seeds),
             "eval_ppl": float(np.mean(ppl)) if ppl else math.nan,
-            **{k: v for k, v in s.items() if k != "seeds"},
+            # the gap of mixed (0) and of the oracle (1) is theirs by definition: left out
+            **{
+                k: v
+                for k, v in s.items()
+                if k != "seeds" and not (k.startswith("gap_") and name in ("mixed", "oracle"))
+            },
             **(
                 {"note": "the checkpoint scorers' warm-up run"}
                 if any(t.get("from_warmup") for t in results)
@@ -369,8 +374,6 @@ def _train_rows(arms: list[Arm], runs: dict, base: dict, summary: dict) -> dict[
             row[f"{k}_text"] = pm(s[k], s[f"{k}_sd"])
             if f"d_{k}" in s and name != "mixed":
                 row[f"d_{k}_text"] = pm(s[f"d_{k}"], s[f"d_{k}_sd"])
-            if f"gap_{k}" in s and name not in ("mixed", "oracle"):
-                row[f"gap_{k}"] = s[f"gap_{k}"]
         rows[name] = row
     return rows
 
