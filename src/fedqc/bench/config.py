@@ -283,35 +283,37 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The trained model's benefit (issue 14), within about an hour on 2 idle cores in float32: the
     # 4 arms mixed, paper, default and oracle, each trained with 3 seeds on the same selection
     # (12 federated trainings), then greedy answers of every trained adapter and the base model
-    # (13 generation passes). The budget, from idle 2-core float32 timings recorded in this repo
-    # (a `--quick` run: 140 s per training of 16 steps of batch 4, i.e. about 90 s of fixed
-    # Flower/Ray/model-loading cost per training; the effect probe: about 2.2 s per LoRA step of
-    # batch 4 at max-length 256; generation: about 27 s per model for 20 answers × 160 tokens),
-    # gives 3–4 minutes per training, so about 90 s of LoRA steps:
-    # - 4 clients × 12 samples, half corrupted (FedDQC's share) by cut, deletion and exchange:
+    # (13 generation passes). Measured with this profile at 1 round, 1 seed (machine nearly idle,
+    # float32): scoring 140 s (2-shot, 4 × 12 pool); one training 171 s, of which each client's 4
+    # local steps of batch 2 took 18 s (the 2 Ray actors run 2 clients at a time) and about
+    # 115 s is fixed cost (Ray start, model loading, saving; the same in every training);
+    # generation 76 s per model for 32 answers × 224 tokens. A LoRA step on 2 threads took
+    # 2.4–4.7 s at batch 2 and 7.9–8.5 s at batch 4 (max-length 384). The fixed cost leaves
+    # about 100 s of steps and evaluations per training, hence:
+    # - 2 clients × 12 samples, half corrupted (FedDQC's share) by cut, deletion and exchange:
     #   cut answers lose their final `#### N` line, which is what lowers the answer-format rate.
-    #   Small pools so that the few steps still make several passes: 4 rounds × 4 local steps ×
-    #   batch 2 = 32 samples per client and round trip, 2.7 epochs of a mixed pool (12) and 5.3
-    #   of an oracle pool (6). Batch 2 with 4 local steps moves the global adapter further per
-    #   sample than batch 4 with 2 (FedAvg averages the clients' updates, so progress counts
-    #   local steps, not clients); lr 1e-3 instead of 5e-4 for the same reason (chosen up front,
-    #   not tuned on this profile's results).
+    #   Two clients run in parallel, so a round costs one client's steps. 4 rounds × 4 local
+    #   steps × batch 2 = 32 samples per client: 2.7 epochs of a mixed pool (12), 5.3 of an
+    #   oracle pool (6): several passes over small pools, not one over large ones. Batch 2 with
+    #   more local steps moves the adapter further for the same compute (FedAvg's progress counts
+    #   local steps); lr 1e-3 instead of 5e-4 for the same reason (chosen up front, not tuned on
+    #   this profile's results).
     # - model.max-length 384: at the default 256, 26% of GSM8K samples (prompt with the chat
     #   template + answer) are cut before their final line, clean ones too, which would teach
     #   every arm to stop early; 384 cuts 2%.
-    # - 32 held-out samples: the eval loss after every round (5 evaluations per training) and the
-    #   32 generation questions (one batch of greedy decoding). 224 new tokens: 95% of GSM8K
+    # - 24 held-out samples: the eval loss after every round (5 evaluations per training) and the
+    #   generation questions (one batch of greedy decoding). 224 new tokens: 95% of GSM8K
     #   reference answers are shorter (median 118, 90th percentile 201 tokens), so a model that
     #   writes the final line can reach it.
     # - bench.anchor-sweep 5,10: the anchor set stays the 10 anchors (the sweep's 50 would be
     #   scored for nothing here).
-    # Estimated on 2 idle cores: scoring about 3 min (2-shot, then zero-shot for the paper arm),
-    # 12 trainings × about 3.5 min, 13 × about 50 s of generation: about 55–60 min.
+    # Estimate, 2 idle cores: scoring about 2 min (2-shot, then zero-shot for the paper arm),
+    # 12 trainings × about 225 s = 45 min, 13 generations × about 60 s = 13 min: about 60 min.
     "effect": {
-        "data.num-clients": 4,
+        "data.num-clients": 2,
         "data.samples-per-client": 12,
         "data.contamination": "0.5",
-        "data.num-eval": 32,
+        "data.num-eval": 24,
         "model.max-length": 384,
         "train.rounds": 4,
         "train.local-steps": 4,
@@ -319,7 +321,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.lr": 1e-3,
         "bench.types": "cut,deletion,exchange",
         "bench.anchor-sweep": "5,10",
-        "bench.em-questions": 32,
+        "bench.em-questions": 24,
         "bench.max-new-tokens": 224,
         "bench.train": "mixed,paper,default,oracle",
         "bench.seeds": "0,1,2",
