@@ -77,12 +77,12 @@ def test_line_bar_and_curve_plots(tmp_path):
     assert _is_png(plots.panels_by(tmp_path / "a.png", rows, "x", "y", title="t"))
     assert _is_png(plots.panels_by(tmp_path / "b.png", rows, "x", "y", title="t", err="sd"))
     assert _is_png(plots.grouped_bars(tmp_path / "c.png", rows, "y", title="t", group="x"))
-    histories = {"mixed": [{"round": 0, "eval_loss": 2.0}, {"round": 1, "eval_loss": 1.5}]}
-    assert _is_png(plots.eval_curves(tmp_path / "d.png", histories, "t"))
+    histories = {"mixed": {0: [{"round": 0, "eval_loss": 2.0}, {"round": 1, "eval_loss": 1.5}]}}
+    assert _is_png(plots.eval_bands(tmp_path / "d.png", histories, "t"))
 
 
 def test_report_is_one_file_with_the_images_inside(tmp_path):
-    png = plots.eval_curves(tmp_path / "p.png", {"a": [{"round": 0, "eval_loss": 1.0}]}, "t")
+    png = plots.eval_bands(tmp_path / "p.png", {"a": {0: [{"round": 0, "eval_loss": 1.0}]}}, "t")
     page = H.write_report(
         tmp_path / "report.html",
         "title <1>",
@@ -96,3 +96,33 @@ def test_report_is_one_file_with_the_images_inside(tmp_path):
     assert "<title>title &lt;1&gt;</title>" in page and "x &amp; y" in page
     (data,) = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert base64.b64decode(data) == png.read_bytes()
+
+
+def test_seed_band_over_the_rounds_every_seed_reached():
+    seeds = {
+        0: [{"round": 0, "eval_loss": 2.0}, {"round": 1, "eval_loss": 1.0}],
+        1: [{"round": 0, "eval_loss": 2.0}, {"round": 1, "eval_loss": 1.4}, {"round": 2}],
+        2: [{"round": 0, "eval_loss": 2.0}, {"round": 1, "eval_loss": 1.6}],
+    }
+    band = plots.seed_band(seeds)
+    assert band.rounds == [0, 1]
+    assert band.mean == pytest.approx([2.0, 4.0 / 3])
+    assert band.sd == pytest.approx(
+        [0.0, math.sqrt(((1 - 4 / 3) ** 2 + (1.4 - 4 / 3) ** 2 + (1.6 - 4 / 3) ** 2) / 2)]
+    )
+    assert (band.low, band.high) == ([2.0, 1.0], [2.0, 1.6])
+    one = plots.seed_band({5: seeds[0]})
+    assert one.mean == [2.0, 1.0] and all(math.isnan(v) for v in one.sd)
+
+
+def test_eval_bands_shades_the_seed_range(tmp_path, monkeypatch):
+    shaded = []
+    real = plots.plt.Axes.fill_between
+    monkeypatch.setattr(
+        plots.plt.Axes,
+        "fill_between",
+        lambda ax, x, lo, hi, **kw: shaded.append((list(x), lo, hi)) or real(ax, x, lo, hi, **kw),
+    )
+    two = {0: [{"round": 0, "eval_loss": 2.0}], 1: [{"round": 0, "eval_loss": 1.0}]}
+    plots.eval_bands(tmp_path / "b.png", {"mixed": two, "oracle": {0: two[0]}}, "t")
+    assert shaded == [([0], [1.0], [2.0])]  # one band: the arm with two seeds

@@ -28,6 +28,14 @@ def bench(
     full: Annotated[
         bool, typer.Option("--full", help="Large profile: every corruption, every arm trained.")
     ] = False,
+    effect: Annotated[
+        bool,
+        typer.Option(
+            "--effect",
+            help="The trained model's benefit: mixed, paper, default and oracle, 3 seeds each "
+            "(about an hour on 2 CPU cores).",
+        ),
+    ] = False,
     out: Annotated[
         str | None, typer.Option(help="Run directory (default runs/bench-<time>).")
     ] = None,
@@ -49,9 +57,9 @@ def bench(
     from fedqc.pipeline import new_run_dir
     from fedqc.terminal import ProgressStages, console, progress_bars, setup_logging
 
-    if quick and full:
-        raise FedqcError("choose one profile: --quick or --full")
-    profile = "quick" if quick else "full" if full else None
+    if quick + full + effect > 1:
+        raise FedqcError("choose one profile: --quick, --full or --effect")
+    profile = "quick" if quick else "full" if full else "effect" if effect else None
     cfg, options = load_bench_config(config, set_, profile)
     options.check(cfg)
     if draws is not None:

@@ -64,8 +64,14 @@ class BenchConfig:
     anchor_repeats: int = 5  # random anchor draws per anchor count
     type_rate: float = 0.5  # corrupted share of each single-type federation
     # Training arms: names, or mixed / oracle / default (`fedqc run`'s default scorer and rule) /
-    # best (the QC arm with the best selection F1, picked with the ground truth) / all / none.
+    # paper (ppl + anchor-mean scored zero-shot, the papers' rule; the pool is scored once more
+    # without demonstrations when quality.shots > 0) / best (the QC arm with the best selection
+    # F1, picked with the ground truth) / all / none.
     train: str = "mixed,oracle,default"
+    # Training seeds (train.seed: batch order, LoRA dropout, client sampling; the initial adapter
+    # is the same in every run): each trained arm trains once per seed on the same selection.
+    # Comma-separated whole numbers; empty: train.seed alone.
+    seeds: str = ""
     # Federated-learning arms: each trained arm again under other training settings, separated by
     # ";", each one or more run-config overrides joined by "&", e.g.
     # "train.strategy=fedprox:0.01; train.aggregation=merge:ties:0.5; quality.curriculum=stages:3"
@@ -106,6 +112,17 @@ class BenchConfig:
     @property
     def plan_list(self) -> list[str]:
         return self.list_of("draw_plans")
+
+    def seed_list(self, cfg: Config) -> list[int]:
+        """The training seeds: bench.seeds, or train.seed when it is empty."""
+        words = self.list_of("seeds")
+        if not words:
+            return [cfg.train.seed]
+        if not all(w.isdigit() for w in words) or len(set(map(int, words))) != len(words):
+            raise FedqcError(
+                f"bench.seeds '{self.seeds}': different whole numbers ≥ 0, e.g. bench.seeds=0,1,2"
+            )
+        return [int(w) for w in words]
 
     def check_plans(self, shots: int, num_anchors: int) -> None:
         """Every draw plan parses; a split leaves the demonstrations out of τ and keeps two anchors
@@ -204,6 +221,7 @@ class BenchConfig:
         if cfg.data.num_clients < 1 or cfg.data.samples_per_client < 1:
             raise FedqcError("data.num-clients and data.samples-per-client must be ≥ 1")
         self.fl_arm_list(cfg)
+        self.seed_list(cfg)
 
     def fl_arm_list(self, cfg: Config) -> list[tuple[str, dict[str, str]]]:
         """(name, run-config overrides) of each bench.fl-arms entry, checked against ``cfg``."""
@@ -261,6 +279,52 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bench.em-questions": 20,
         "bench.max-new-tokens": 160,
         "bench.train": "mixed,oracle,default",
+    },
+    # The trained model's benefit (issue 14), within about an hour on 2 idle cores in float32: the
+    # 4 arms mixed, paper, default and oracle, each trained with 3 seeds on the same selection
+    # (12 federated trainings), then greedy answers of every trained adapter and the base model
+    # (13 generation passes). Measured with this profile at 1 round, 1 seed (machine nearly idle,
+    # float32): scoring 140 s (2-shot, 4 × 12 pool); one training 171 s, of which each client's 4
+    # local steps of batch 2 took 18 s (the 2 Ray actors run 2 clients at a time) and about
+    # 115 s is fixed cost (Ray start, model loading, saving; the same in every training);
+    # generation 76 s per model for 32 answers × 224 tokens. A LoRA step on 2 threads took
+    # 2.4–4.7 s at batch 2 and 7.9–8.5 s at batch 4 (max-length 384). The fixed cost leaves
+    # about 100 s of steps and evaluations per training, hence:
+    # - 2 clients × 12 samples, half corrupted (FedDQC's share) by cut, deletion and exchange:
+    #   cut answers lose their final `#### N` line, which is what lowers the answer-format rate.
+    #   Two clients run in parallel, so a round costs one client's steps. 4 rounds × 4 local
+    #   steps × batch 2 = 32 samples per client: 2.7 epochs of a mixed pool (12), 5.3 of an
+    #   oracle pool (6): several passes over small pools, not one over large ones. Batch 2 with
+    #   more local steps moves the adapter further for the same compute (FedAvg's progress counts
+    #   local steps); lr 1e-3 instead of 5e-4 for the same reason (chosen up front, not tuned on
+    #   this profile's results).
+    # - model.max-length 384: at the default 256, 26% of GSM8K samples (prompt with the chat
+    #   template + answer) are cut before their final line, clean ones too, which would teach
+    #   every arm to stop early; 384 cuts 2%.
+    # - 24 held-out samples: the eval loss after every round (5 evaluations per training) and the
+    #   generation questions (one batch of greedy decoding). 224 new tokens: 95% of GSM8K
+    #   reference answers are shorter (median 118, 90th percentile 201 tokens), so a model that
+    #   writes the final line can reach it.
+    # - bench.anchor-sweep 5,10: the anchor set stays the 10 anchors (the sweep's 50 would be
+    #   scored for nothing here).
+    # Estimate, 2 idle cores: scoring about 2 min (2-shot, then zero-shot for the paper arm),
+    # 12 trainings × about 225 s = 45 min, 13 generations × about 60 s = 13 min: about 60 min.
+    "effect": {
+        "data.num-clients": 2,
+        "data.samples-per-client": 12,
+        "data.contamination": "0.5",
+        "data.num-eval": 24,
+        "model.max-length": 384,
+        "train.rounds": 4,
+        "train.local-steps": 4,
+        "train.batch-size": 2,
+        "train.lr": 1e-3,
+        "bench.types": "cut,deletion,exchange",
+        "bench.anchor-sweep": "5,10",
+        "bench.em-questions": 24,
+        "bench.max-new-tokens": 224,
+        "bench.train": "mixed,paper,default,oracle",
+        "bench.seeds": "0,1,2",
     },
     # A big machine (fedqc runs on CPU today: hours): 1000 client samples, every corruption of each,
     # every arm trained.

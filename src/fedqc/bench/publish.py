@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedqc.bench.config import BenchConfig
+from fedqc.bench.effect import pm
 from fedqc.bench.experiment import NA, measured
 from fedqc.config import Config
 from fedqc.report import html as H
@@ -39,16 +40,24 @@ MAIN_COLUMNS = [
     ("exact_match", "EM"),
     ("note", "note"),
 ]
+# Means over the training seeds (± sd with two or more); Δ: arm − mixed per seed (paired); gap:
+# the share of the mixed → oracle gap the arm recovers.
 TRAIN_COLUMNS = [
     ("arm", "arm"),
     ("trained_samples", "trained on"),
     ("clients_training", "clients"),
     ("rounds", "rounds"),
-    ("eval_loss", "eval loss"),
-    ("eval_ppl", "eval ppl"),
-    ("exact_match", "EM"),
-    ("answer_format", "final #### N line"),
-    ("rouge_l", "ROUGE-L"),
+    ("seeds", "seeds"),
+    ("eval_loss_text", "eval loss"),
+    ("d_eval_loss_text", "Δ loss"),
+    ("gap_eval_loss", "gap (loss)"),
+    ("answer_format_text", "final #### N line"),
+    ("d_answer_format_text", "Δ format"),
+    ("gap_answer_format", "gap (format)"),
+    ("exact_match_text", "EM"),
+    ("d_exact_match_text", "Δ EM"),
+    ("rouge_l_text", "ROUGE-L"),
+    ("d_rouge_l_text", "Δ ROUGE-L"),
     ("note", "note"),
 ]
 
@@ -76,7 +85,7 @@ def publish(run_dir: Path, cfg: Config, bench: BenchConfig, **r) -> dict:
         "types-f1": _types_f1(sweeps["types"]),
         "unmeasured": _unmeasured_table(sweeps),
     }
-    notes = findings(overall, sweeps, train_rows, r["fed"].true_rate)
+    notes = findings(overall, sweeps, train_rows, r["fed"].true_rate) + r.get("goals", [])
     figures = _plots(plot_dir, r)
     text = _markdown(r, tables, notes)
     (run_dir / "results.md").write_text(text, encoding="utf-8")
@@ -145,6 +154,8 @@ def findings(overall: list[dict], sweeps: dict, train_rows: list[dict], rate: fl
 
 
 def _note(row: dict) -> str:
+    if row["arm"] == "paper":
+        return "ppl + anchor-mean, scored zero-shot (the papers' rule)"
     return NOTES.get(row["kind"], "")
 
 
@@ -176,7 +187,8 @@ def _setup_table(cfg: Config, bench: BenchConfig, r: dict):
         ("eval set", f"{len(r['data'].eval)} clean held-out samples; EM on {bench.em_questions}"),
         (
             "training",
-            f"{t.rounds} rounds × {t.local_steps} local steps, batch {t.batch_size}, lr {t.lr:g}",
+            f"{t.rounds} rounds × {t.local_steps} local steps, batch {t.batch_size}, lr {t.lr:g}, "
+            f"seeds {', '.join(map(str, bench.seed_list(cfg)))}",
         ),
         *(
             [
@@ -311,15 +323,17 @@ def _client_table(main_rows: list[dict], fed):
 
 
 def _rounds_table(histories: dict):
-    rounds = sorted({h["round"] for rows in histories.values() for h in rows})
-    table = [
-        {"round": k}
-        | {
-            arm: next((h.get("eval_loss") for h in rows if h["round"] == k), None)
-            for arm, rows in histories.items()
-        }
-        for k in rounds
-    ]
+    """Eval loss per round and arm: the mean over the training seeds (± sd with two or more)."""
+    bands = {arm: plots.seed_band(seeds) for arm, seeds in histories.items()}
+    rounds = sorted({k for band in bands.values() for k in band.rounds})
+    table = []
+    for k in rounds:
+        row: dict = {"round": k}
+        for arm, band in bands.items():
+            if k in band.rounds:
+                i = band.rounds.index(k)
+                row[arm] = pm(band.mean[i], band.sd[i], 4)
+        table.append(row)
     return table, [("round", "round")] + [(a, a) for a in histories]
 
 
@@ -494,8 +508,12 @@ def _plots(folder: Path, r: dict) -> dict[str, Path]:
             ylabel="AUC",
         )
     if r["histories"]:
-        figures["eval-loss"] = plots.eval_curves(
-            folder / "eval-loss.png", r["histories"], "held-out eval loss per round, per arm"
+        seeds = max(len(h) for h in r["histories"].values())
+        figures["eval-loss"] = plots.eval_bands(
+            folder / "eval-loss.png",
+            r["histories"],
+            "held-out eval loss per round, per arm"
+            + (f": mean over {seeds} seeds, band min–max" if seeds > 1 else ""),
         )
     return figures
 
@@ -533,9 +551,12 @@ SECTIONS = [
         "train",
         "The untrained model ('base') is the common starting point. Greedy answers to the "
         "held-out questions: EM, the share whose last line is #### N, and ROUGE-L F-measure "
-        "against the reference answer.",
+        "against the reference answer. Each arm trains once per seed on the same selection: "
+        "mean ± sd over the seeds; Δ: arm − mixed per seed (paired), mean ± sd; gap: the share "
+        "of the mixed → oracle gap the arm recovers (on the means). Per-seed numbers: "
+        "training.json.",
     ),
-    ("Eval loss per round", "rounds", None),
+    ("Eval loss per round", "rounds", "Mean over the training seeds (± sd)."),
     (
         "Contamination sweep (paper [B] Fig. 4)",
         "contamination",

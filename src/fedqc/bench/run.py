@@ -15,6 +15,7 @@ import numpy as np
 from fedqc.bench.arms import Arm, make_arms
 from fedqc.bench.checkpoints import CheckpointScores, Warmup, warm_up
 from fedqc.bench.config import BenchConfig
+from fedqc.bench.effect import goal_checks, pm, summarize
 from fedqc.bench.experiment import (
     Experiment,
     Federation,
@@ -100,6 +101,16 @@ def run_bench(
     arms = make_arms(scorers, bench.list_of("rules"))
     experiment = Experiment(selector, arms, data, d.num_clients, types, d.seed, d.num_anchors)
     main_rows, outcomes = experiment.main(fed)
+    train_arms = list(arms)
+    if "paper" in bench.list_of("train"):
+        paper_start = time.perf_counter()
+        paper_rows, paper_outcomes = _paper_arm(
+            cfg, loaded, data, fed, losses, anchor_losses, types, stages
+        )
+        main_rows += paper_rows
+        outcomes |= paper_outcomes
+        train_arms.append(PAPER)
+        timing["scoring zero-shot (paper)"] = time.perf_counter() - paper_start
     sweep = parse_partition(bench.sweep_partition)
     sweeps = {
         "contamination": experiment.contamination_sweep(sweep, bench.contamination_list),
@@ -112,13 +123,19 @@ def run_bench(
     if rescoring:
         timing["re-scoring for the sweeps"] = rescoring
     timing["selection"] = time.perf_counter() - start - sum(timing.values())
-    trained = _train_arms(cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages, warmup)
+    runs = _train_arms(
+        cfg, bench, run_dir, data, fed, train_arms, main_rows, outcomes, stages, warmup
+    )
     timing["training"] = time.perf_counter() - start - sum(timing.values())
-    em = _exact_match(bench, run_dir, loaded, data, trained, stages)
+    base, generated = _exact_match(bench, run_dir, loaded, data, runs, stages)
     timing["generation"] = time.perf_counter() - start - sum(timing.values())
-    train_rows = _train_rows(arms, trained, em)
+    per_seed = _per_seed(runs, generated)
+    summary = summarize(per_seed)
+    goals = goal_checks(summary, default_arm())
+    train_rows = _train_rows(train_arms, runs, base, summary)
+    _write_training(run_dir / "training.json", bench.seed_list(cfg), runs, per_seed, summary, goals)
     for row in main_rows:
-        if row["client"] == "all" and row["arm"] in trained:
+        if row["client"] == "all" and row["arm"] in runs:
             row.update({k: v for k, v in train_rows[row["arm"]].items() if k not in row})
 
     return publish(
@@ -137,11 +154,20 @@ def run_bench(
         main_rows=main_rows,
         sweeps=sweeps,
         train_rows=list(train_rows.values()),
-        histories={name: t["history"] for name, t in trained.items() if t["history"]},
+        histories={
+            name: {seed: t["history"] for seed, t in seeds.items() if t["history"]}
+            for name, seeds in runs.items()
+            if any(t["history"] for t in seeds.values())
+        },
+        goals=goals,
         warmup=warmup,
-        mixed_from_warmup=bool(trained.get("mixed", {}).get("from_warmup")),
+        mixed_from_warmup=any(t.get("from_warmup") for t in runs.get("mixed", {}).values()),
         timing=_write_timing(run_dir, timing | {"total": time.perf_counter() - start}),
     )
+
+
+# The papers' arm: ppl + anchor-mean, scored zero-shot (FedDQC, Superfiltering).
+PAPER = Arm("paper", "qc", "ppl", "anchor-mean")
 
 
 def default_arm() -> str:
@@ -151,7 +177,8 @@ def default_arm() -> str:
 
 
 def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm]:
-    """``mixed``, ``oracle``, ``default`` (`fedqc run`'s default scorer and rule), ``best`` (the
+    """``mixed``, ``oracle``, ``default`` (`fedqc run`'s default scorer and rule), ``paper`` (among
+    ``arms`` when it was asked for: ppl + anchor-mean scored zero-shot), ``best`` (the
     QC arm with the highest overall F1 on the main federation; picked with the ground truth),
     ``all``, ``none``, or arm names."""
     by_name = {a.name: a for a in arms}
@@ -177,101 +204,209 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
             picks = [by_name[word]]
         else:
             raise FedqcError(
-                f"bench.train: unknown arm '{word}'; use mixed, oracle, default, best, all, "
+                f"bench.train: unknown arm '{word}'; use mixed, oracle, default, paper, best, all, "
                 f"none or arm names such as {arms[-1].name}"
             )
         chosen += [a for a in picks if a not in chosen]
     return chosen
 
 
+def _paper_arm(cfg, loaded, data, fed, losses, anchor_losses, types, stages):
+    """The papers' arm (ppl + anchor-mean, zero-shot) on the main federation: its rows and
+    outcome. The pool and the anchors are scored again without demonstrations unless the main
+    scoring already was zero-shot."""
+    if cfg.quality.shots:
+        load_adapter(loaded, None)  # the untrained model scores, as in the main pass
+        losses, anchor_losses = score_pool(loaded, cfg, data, 0, stages)
+    d = cfg.data
+    anchors = np.arange(d.num_anchors)
+    selector = Selector([ForwardScores(PAPER.scorer, losses, anchor_losses)], anchors)
+    experiment = Experiment(selector, [PAPER], data, d.num_clients, types, d.seed, d.num_anchors)
+    return experiment.main(fed)
+
+
 def _train_arms(
     cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages, warmup: Warmup | None
-) -> dict:
-    trained = {}
+) -> dict[str, dict[int, dict]]:
+    """Every arm of bench.train (and its bench.fl-arms variants), once per training seed:
+    arm -> seed -> :func:`train_arm`'s result."""
+    runs: dict[str, dict[int, dict]] = {}
     clients = [[data.sample(m) for m in members] for members in fed.members]
+    seeds = bench.seed_list(cfg)
+    variants = [("", "", {})] + [
+        (f" + {name}", f"+fl{i}", overrides)
+        for i, (name, overrides) in enumerate(bench.fl_arm_list(cfg), start=1)
+    ]
     for arm in arms_to_train(bench.train, arms, main_rows):
-        if arm.kind == "mixed" and warmup is not None and warmup.rounds == cfg.train.rounds:
-            # the warm-up was this very run: every sample, the same config and seed
-            trained[arm.name] = warmup.result | {"from_warmup": True}
-            continue
-        stages.stage(f"training arm {arm.name}")
-        trained[arm.name] = train_arm(
-            cfg,
-            clients,
-            outcomes[arm.name].keep,
-            run_dir / "data" / "eval.jsonl",
-            run_dir / "train" / arm_folder(arm.name),
-            stages,
-        )
-        for i, (name, overrides) in enumerate(bench.fl_arm_list(cfg), start=1):
-            stages.stage(f"training arm {arm.name} + {name}")
-            trained[f"{arm.name} + {name}"] = train_arm(
-                cfg.replace(**overrides),
-                clients,
-                outcomes[arm.name].keep,
-                run_dir / "data" / "eval.jsonl",
-                run_dir / "train" / f"{arm_folder(arm.name)}+fl{i}",
-                stages,
-            )
-    return trained
+        for suffix, folder_suffix, overrides in variants:
+            name = arm.name + suffix
+            runs[name] = {}
+            for seed in seeds:
+                if (
+                    not overrides
+                    and arm.kind == "mixed"
+                    and warmup is not None
+                    and warmup.rounds == cfg.train.rounds
+                    and seed == cfg.train.seed
+                ):
+                    # the warm-up was this very run: every sample, the same config and seed
+                    runs[name][seed] = warmup.result | {"from_warmup": True}
+                    continue
+                folder = run_dir / "train" / (arm_folder(arm.name) + folder_suffix)
+                if len(seeds) > 1:
+                    folder = folder / f"seed-{seed}"
+                stages.stage(f"training arm {name}" + (f", seed {seed}" if len(seeds) > 1 else ""))
+                runs[name][seed] = train_arm(
+                    cfg.replace(**overrides, **{"train.seed": seed}),
+                    clients,
+                    outcomes[arm.name].keep,
+                    run_dir / "data" / "eval.jsonl",
+                    folder,
+                    stages,
+                )
+    return runs
 
 
-def _exact_match(bench, run_dir, loaded, data, trained, stages) -> dict[str, dict]:
-    """Greedy generation on held-out questions: the untrained model ('base') and each trained arm,
-    with exact match, answer format and ROUGE-L (:func:`answer_metrics`).
+def _exact_match(bench, run_dir, loaded, data, runs, stages) -> tuple[dict, dict]:
+    """Greedy generation on held-out questions: the untrained model ('base') and each trained arm
+    and seed, with exact match, answer format and ROUGE-L (:func:`answer_metrics`); returns
+    (base metrics, arm -> seed -> metrics).
 
     Only where every reference answer ends with a ``#### N`` number (GSM8K).
     """
     questions = data.eval[: bench.em_questions]
     if not questions or any(final_number(s.response) is None for s in questions):
-        return {}
-    models = {"base": None} | {n: t["adapter"] for n, t in trained.items() if t["adapter"]}
-    results, generations = {}, []
-    for name, adapter in models.items():
-        stages.stage(f"exact match: {name}, {len(questions)} greedy answers")
+        return {}, {}
+    models = [("base", None, None)] + [
+        (name, seed, t["adapter"])
+        for name, seeds in runs.items()
+        for seed, t in seeds.items()
+        if t["adapter"]
+    ]
+    references = [s.response for s in questions]
+    base, results, generations = {}, {}, []
+    for name, seed, adapter in models:
+        label = name if seed is None or len(runs[name]) == 1 else f"{name}, seed {seed}"
+        stages.stage(f"exact match: {label}, {len(questions)} greedy answers")
         load_adapter(loaded, adapter)
         answers = generate(loaded, questions, bench.max_new_tokens)
-        results[name] = answer_metrics(answers, [s.response for s in questions])
+        metrics = answer_metrics(answers, references)
+        if seed is None:
+            base = metrics
+        else:
+            results.setdefault(name, {})[seed] = metrics
         generations += [
-            {"arm": name, "id": s.id, "answer": a, "reference": s.response}
+            {"arm": name, "seed": seed, "id": s.id, "answer": a, "reference": s.response}
             for s, a in zip(questions, answers, strict=True)
         ]
     load_adapter(loaded, None)
     with open(run_dir / "generations.jsonl", "w", encoding="utf-8") as fh:
         for g in generations:
             fh.write(json.dumps(g, ensure_ascii=False) + "\n")
-    return results
+    return base, results
 
 
-def _train_rows(arms: list[Arm], trained: dict, em: dict) -> dict[str, dict]:
-    """One row per trained arm (and 'base', the untrained model): final eval loss, ppl, EM."""
+def _per_seed(runs: dict, generated: dict) -> dict[str, dict[int, dict[str, float]]]:
+    """arm -> seed -> the final round's eval loss and ppl and the generation metrics."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, seeds in runs.items():
+        for seed, t in seeds.items():
+            final = t["history"][-1] if t["history"] else {}
+            out.setdefault(name, {})[seed] = {
+                "eval_loss": final.get("eval_loss", math.nan),
+                "eval_ppl": final.get("eval_ppl", math.nan),
+                **generated.get(name, {}).get(seed, {}),
+            }
+    return out
+
+
+TEXT_METRICS = ("eval_loss", "answer_format", "exact_match", "rouge_l")
+
+
+def _train_rows(arms: list[Arm], runs: dict, base: dict, summary: dict) -> dict[str, dict]:
+    """One row per trained arm (and 'base', the untrained model): the means over the training
+    seeds of the final eval loss, ppl and generation metrics, their sd, and the paired
+    differences against mixed (``*_text``: ``mean ± sd`` for the tables)."""
     kinds = {a.name: a.kind for a in arms}
     rows = {}
-    first = next((t["history"] for t in trained.values() if t["history"]), [])
-    if first or "base" in em:
-        base = first[0] if first else {}
+    first = next(
+        (t["history"] for seeds in runs.values() for t in seeds.values() if t["history"]), []
+    )
+    if first or base:
+        start = first[0] if first else {}
         rows["base"] = {
             "arm": "base (no training)",
             "kind": "base",
             "rounds": 0,
-            "eval_loss": base.get("eval_loss", math.nan),
-            "eval_ppl": base.get("eval_ppl", math.nan),
-            **em.get("base", {}),
+            "eval_loss": start.get("eval_loss", math.nan),
+            "eval_ppl": start.get("eval_ppl", math.nan),
+            **base,
         }
-    for name, t in trained.items():
-        final = t["history"][-1] if t["history"] else {}
-        rows[name] = {
+        rows["base"] |= {
+            f"{k}_text": pm(rows["base"].get(k, math.nan), math.nan) for k in TEXT_METRICS
+        }
+    for name, seeds in runs.items():
+        results = list(seeds.values())
+        final = results[0]["history"][-1] if results[0]["history"] else {}
+        s = summary[name]
+        ppl = [t["history"][-1]["eval_ppl"] for t in results if t["history"]]
+        row = {
             "arm": name,
             "kind": kinds[name.split(" + ")[0]],  # a bench.fl-arms arm: its selection's kind
-            "trained_samples": int(sum(t["kept"])),
-            "clients_training": int(sum(k > 0 for k in t["kept"])),
+            "trained_samples": int(sum(results[0]["kept"])),
+            "clients_training": int(sum(k > 0 for k in results[0]["kept"])),
             "rounds": final.get("round", 0),
-            "eval_loss": final.get("eval_loss", math.nan),
-            "eval_ppl": final.get("eval_ppl", math.nan),
-            **em.get(name, {}),
-            **({"note": "the checkpoint scorers' warm-up run"} if t.get("from_warmup") else {}),
+            "seeds": len(seeds),
+            "eval_ppl": float(np.mean(ppl)) if ppl else math.nan,
+            # the gap of mixed (0) and of the oracle (1) is theirs by definition: left out
+            **{
+                k: v
+                for k, v in s.items()
+                if k != "seeds" and not (k.startswith("gap_") and name in ("mixed", "oracle"))
+            },
+            **(
+                {"note": "the checkpoint scorers' warm-up run"}
+                if any(t.get("from_warmup") for t in results)
+                else {}
+            ),
         }
+        for k in TEXT_METRICS:
+            row[f"{k}_text"] = pm(s[k], s[f"{k}_sd"])
+            if f"d_{k}" in s and name != "mixed":
+                row[f"d_{k}_text"] = pm(s[f"d_{k}"], s[f"d_{k}_sd"])
+        rows[name] = row
     return rows
+
+
+def _write_training(path: Path, seeds, runs, per_seed, summary, goals) -> None:
+    """training.json: per arm and seed the kept counts, eval loss per round and the final metrics;
+    the summary over seeds and the goal checks."""
+    arms = {
+        name: {
+            "kept": next(iter(seeds.values()))["kept"],
+            "seeds": {
+                str(seed): {"history": t["history"], "final": per_seed[name][seed]}
+                for seed, t in seeds.items()
+            },
+            "summary": summary[name],
+        }
+        for name, seeds in runs.items()
+    }
+    data = _plain({"seeds": seeds, "arms": arms, "goals": goals})
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+
+
+def _plain(value):
+    """JSON-ready: non-finite floats become null, paths strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _write_data(folder: Path, data: BenchData, fed: Federation) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -164,14 +165,48 @@ def grouped_bars(
     return _save(fig, path)
 
 
-def eval_curves(path: Path, histories: Mapping[str, Sequence[dict]], title: str) -> Path:
-    """Held-out eval loss after each round, one line per arm (round 0: the untrained model)."""
+@dataclass
+class Band:
+    """One arm's eval loss per round over its training seeds."""
+
+    rounds: list[int]
+    mean: list[float]
+    sd: list[float]  # sample sd (ddof 1); NaN with one seed
+    low: list[float]  # the lowest seed's value
+    high: list[float]  # the highest seed's value
+
+
+def seed_band(seeds: Mapping[int, Sequence[dict]]) -> Band:
+    """Mean, sd, min and max over seeds of the eval loss at each round that every seed reached."""
+    curves = [
+        {r["round"]: r["eval_loss"] for r in rows if "eval_loss" in r} for rows in seeds.values()
+    ]
+    rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    values = [np.array([c[k] for c in curves], dtype=float) for k in rounds]
+    return Band(
+        rounds,
+        [float(v.mean()) for v in values],
+        [float(v.std(ddof=1)) if v.size > 1 else math.nan for v in values],
+        [float(v.min()) for v in values],
+        [float(v.max()) for v in values],
+    )
+
+
+def eval_bands(
+    path: Path, histories: Mapping[str, Mapping[int, Sequence[dict]]], title: str
+) -> Path:
+    """Held-out eval loss after each round (round 0: the untrained model), one line per arm: the
+    mean over its training seeds, and a shaded band from the lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for k, (arm, rows) in enumerate(histories.items()):
-        pts = [(r["round"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", ls=LINE_STYLES[k % 4], label=arm)
+    for k, (arm, seeds) in enumerate(histories.items()):
+        band = seed_band(seeds)
+        if not band.rounds:
+            continue
+        (line,) = ax.plot(
+            band.rounds, band.mean, marker="o", ms=3, ls=LINE_STYLES[k % 4], label=arm
+        )
+        if len(seeds) > 1:
+            ax.fill_between(band.rounds, band.low, band.high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("round", fontsize=8)
     ax.set_ylabel("eval loss (clean held-out)", fontsize=8)
     ax.grid(alpha=0.3)
