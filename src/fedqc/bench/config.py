@@ -80,7 +80,13 @@ class BenchConfig:
     fl_arms: str = ""
     em_questions: int = 20  # held-out questions for greedy-generation exact match (0: off)
     max_new_tokens: int = 160
-    source: str = ""  # a file of clean samples instead of GSM8K (any fedqc schema)
+    source: str = ""  # a file of clean samples instead of GSM8K (any fedqc schema), or a name
+    # of fedqc.data.catalog (gsm8k, gpqa, humaneval, mgsm-symbolic:LANG)
+    # A heterogeneity federation: one source per client (a catalog name or a file), e.g.
+    # "gpqa,humaneval,mgsm-symbolic:deu,mgsm-symbolic:rus". Each client's pool comes from its own
+    # source (clients naming the same one share it out), corrupted within it; the anchors and the
+    # eval set still come from bench.source. Empty: every client draws from bench.source.
+    client_sources: str = ""
     # `fedqc bench --draws N` (fedqc.bench.draws): which anchors calibrate the ensemble and set τ
     # (drawn, run, split:C), and the seed of the draws (the pool's seed stays data.seed).
     draw_plans: str = "drawn,run,split:2"
@@ -91,6 +97,10 @@ class BenchConfig:
 
     def list_of(self, name: str) -> list[str]:
         return [x.strip() for x in str(getattr(self, name)).split(",") if x.strip()]
+
+    @property
+    def client_source_list(self) -> list[str]:
+        return self.list_of("client_sources")
 
     @property
     def type_list(self) -> list[str]:
@@ -220,8 +230,24 @@ class BenchConfig:
             raise FedqcError("bench: anchor-repeats, max-new-tokens ≥ 1 and em-questions ≥ 0")
         if cfg.data.num_clients < 1 or cfg.data.samples_per_client < 1:
             raise FedqcError("data.num-clients and data.samples-per-client must be ≥ 1")
+        self.check_sources(cfg)
         self.fl_arm_list(cfg)
         self.seed_list(cfg)
+
+    def check_sources(self, cfg: Config) -> None:
+        """bench.source and bench.client-sources name sources that exist, one per client."""
+        from fedqc.data.catalog import check_source
+
+        if self.source:
+            check_source(self.source, "bench.source")
+        sources = self.client_source_list
+        if self.client_sources.strip() and len(sources) != cfg.data.num_clients:
+            raise FedqcError(
+                f"bench.client-sources: {len(sources)} source(s) for {cfg.data.num_clients} "
+                "clients (data.num-clients); name one per client"
+            )
+        for source in sources:
+            check_source(source, "bench.client-sources")
 
     def fl_arm_list(self, cfg: Config) -> list[tuple[str, dict[str, str]]]:
         """(name, run-config overrides) of each bench.fl-arms entry, checked against ``cfg``."""

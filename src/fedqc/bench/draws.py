@@ -410,7 +410,15 @@ def _read_losses(path: Path, cfg: Config, bench: BenchConfig, data) -> tuple[Los
 
 
 # What decides the scored losses: the model, the data split and the pool's corruptions.
-SCORING_KEYS = ("model.", "data.", "quality.shots", "bench.types", "bench.variants", "bench.source")
+SCORING_KEYS = (
+    "model.",
+    "data.",
+    "quality.shots",
+    "bench.types",
+    "bench.variants",
+    "bench.source",
+    "bench.client-sources",
+)
 
 
 def _scoring_setup(toml_text: str):

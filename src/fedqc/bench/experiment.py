@@ -69,7 +69,16 @@ def make_federation(
         np.random.default_rng(rng.randrange(2**63)),
     )
     available = [tuple(v) for v in data.variants]
-    members = assemble(available, [samples_per_client] * num_clients, counts, types, rng)
+    if data.groups is None:
+        members = assemble(available, [samples_per_client] * num_clients, counts, types, rng)
+    else:  # bench.client-sources: each client from its own source's items
+        if len(data.groups) != num_clients:
+            raise FedqcError(f"{len(data.groups)} client sources for {num_clients} clients")
+        members = []
+        for group, n_bad in zip(data.groups, counts, strict=True):
+            own = [available[i] for i in group]
+            (chosen,) = assemble(own, [samples_per_client], [n_bad], types, rng)
+            members.append([Member(group[m.item], m.corruption) for m in chosen])
     index = {e: i for i, e in enumerate(data.entries())}
     return Federation(
         members,
@@ -81,7 +90,15 @@ def make_federation(
 
 def fitting_size(data: BenchData, types: Sequence[str], rate: float, num_clients: int) -> int:
     """Samples per client of the largest federation at ``rate`` (a balanced mixture of ``types``)
-    that the pool can hold, at most the main federation's size."""
+    that the pool can hold, at most the main federation's size.
+
+    With client sources (``data.groups``) a client's corrupted count is not capped by the global
+    one (an iid spread, a Dirichlet share), so each client gets the size that fits even with all
+    its samples corrupted: at most its source's items, and ``len(types)`` × its fewest variants of
+    one type.
+    """
+    if data.groups is not None:
+        return min(_client_size(data, group, types, rate) for group in data.groups)
     per_type = min(sum(t in v for v in data.variants) for t in types)
     pool = len(data.items)
     if rate > 0:
@@ -89,6 +106,15 @@ def fitting_size(data: BenchData, types: Sequence[str], rate: float, num_clients
         margin = num_clients if len(types) > 1 else 0
         pool = min(pool, math.floor(max(per_type - margin, 0) * len(types) / rate))
     return pool // num_clients
+
+
+def _client_size(data: BenchData, group: list[int], types: Sequence[str], rate: float) -> int:
+    """The most samples a client of ``group``'s items can hold with all of them corrupted (a
+    balanced mixture gives each type at most ⌈n / len(types)⌉)."""
+    if rate == 0:
+        return len(group)
+    fewest = min(sum(t in data.variants[i] for i in group) for t in types)
+    return min(len(group), len(types) * fewest)
 
 
 def anchor_key(anchors: np.ndarray) -> tuple[int, ...]:

