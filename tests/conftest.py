@@ -18,17 +18,15 @@ def smollm2_dir() -> Path:
     return smollm2_folder()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
-    out = tmp_path_factory.mktemp("tiny-llama")
+def save_tiny_llama(out: Path, smollm2_dir: Path, hidden_size: int = 64, seed: int = 0) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved to ``out``."""
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -41,6 +39,12 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 
 
 @pytest.fixture(scope="session")

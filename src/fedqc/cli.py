@@ -115,6 +115,8 @@ def _print_summary(summary: dict, cfg: Config) -> None:
             f"[bold]model[/] {cfg.model.name} on {where['device']}: {where['dtype']}, "
             f"training in {where['train_dtype']}"
         )
+    if cfg.separate_scorer:
+        console.print(f"[bold]scoring model[/] {cfg.scoring_model().name} (quality.model)")
     if budget := summary.get("privacy_budget"):
         console.print(
             f"[bold]privacy[/] ε = {budget['epsilon_total']:.4g} per client for its counts "

@@ -74,6 +74,11 @@ class QualityConfig:
     # samples in K stages of the rounds, best first, re-scored by the global adapter at each
     # stage), or "stages:K:once" (ranked by the quality round's scores)
     curriculum: str = "off"
+    # The model that scores (the server's anchors and every client's samples): empty for
+    # model.name, or another registry name, hub id or folder, e.g. a stronger judge than the
+    # model being fine-tuned (Superfiltering's proxy scorer). A separate scoring model scores
+    # with its base weights: the global adapter belongs to the trained model.
+    model: str = ""
 
 
 @dataclass
@@ -161,6 +166,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def scoring_model(self) -> ModelConfig:
+        """The model settings that score: model.* with quality.model's name when it is set."""
+        return dataclasses.replace(self.model, name=self.quality.model or self.model.name)
+
+    @property
+    def separate_scorer(self) -> bool:
+        """Whether a model other than the trained one scores (quality.model)."""
+        return self.scoring_model().name != self.model.name
 
     def to_flat(self) -> dict[str, Any]:
         """Dotted keys with dashes (``train.local-steps``), as Flower's run config uses them."""

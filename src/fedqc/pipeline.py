@@ -38,6 +38,7 @@ def check_inputs(cfg: Config) -> None:
     from fedqc.federation.strategy import check_strategy
     from fedqc.models.loading import load
     from fedqc.quality.curriculum import check_curriculum
+    from fedqc.quality.plan import check_scoring_model
     from fedqc.quality.rules import global_threshold, parse_rule
     from fedqc.scoring.scorers import any_scorer, get_checkpoint_scorer, is_checkpoint_scorer
     from fedqc.scoring.shots import require_anchors
@@ -45,6 +46,9 @@ def check_inputs(cfg: Config) -> None:
     scorer, rule = any_scorer(cfg.quality.scorer), parse_rule(cfg.quality.rule)
     check_strategy(cfg)
     check_curriculum(cfg.quality.curriculum, cfg.train.rounds, is_checkpoint_scorer(scorer.name))
+    check_scoring_model(
+        [scorer.name], cfg.quality.curriculum, cfg.scoring_model().name, cfg.model.name
+    )
     d = cfg.data
     if d.federation and d.federation not in DEMOS:
         raise FedqcError(
@@ -89,6 +93,8 @@ def check_inputs(cfg: Config) -> None:
         )
     load(cfg.model)  # a model that does not exist, does not take the LoRA targets, or a device
     # or dtype (model.device, model.dtype) this machine does not have
+    if cfg.separate_scorer:
+        load(cfg.scoring_model())
 
 
 def client_files(clients: Path) -> list[Path]:

@@ -70,6 +70,7 @@ def bench(
     setup_logging(verbose, run_dir / "fedqc.log")
     with console.status("preparing the model (the first run converts SmolLM2 once)"):
         resolve(cfg.model.name)
+        resolve(cfg.scoring_model().name)
     command = "fedqc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if draws is not None:
         from fedqc.bench.draws import run_draws

@@ -20,6 +20,7 @@ from fedqc.config import Config, _coerce  # the run config's own type conversion
 from fedqc.data.corrupt import CORRUPTIONS
 from fedqc.data.partition import Partition, parse_partition
 from fedqc.errors import FedqcError
+from fedqc.quality.plan import check_scoring_model
 from fedqc.quality.rules import Rule, conformal_threshold, parse_rule
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, get_scorer
 
@@ -189,6 +190,9 @@ class BenchConfig:
             raise FedqcError("bench.scorers: name at least one scorer")
         if len(set(self.scorer_list)) != len(self.scorer_list):
             raise FedqcError(f"bench.scorers '{self.scorers}': a scorer is named twice")
+        check_scoring_model(
+            self.scorer_list, cfg.quality.curriculum, cfg.scoring_model().name, cfg.model.name
+        )
         if self.checkpoint_scorers and self.warmup_rounds < 1:
             raise FedqcError(
                 f"bench.warmup-rounds must be ≥ 1 for {', '.join(self.checkpoint_scorers)}"

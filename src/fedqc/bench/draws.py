@@ -335,7 +335,7 @@ def run_draws(
         if bench.reuse_losses:
             losses[shots] = _read_losses(Path(bench.reuse_losses) / path, cfg, bench, data)
         else:
-            loaded = loaded or load(cfg.model)
+            loaded = loaded or load(cfg.scoring_model())
             losses[shots] = score_pool(loaded, cfg, data, shots, stages)
         _write_losses(run_dir / path, *losses[shots])
     demos = demonstration_indices(losses[cfg.quality.shots][1].truncated, cfg.quality.shots)

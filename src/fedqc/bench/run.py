@@ -63,8 +63,9 @@ def run_bench(
     _write_data(run_dir / "data", data, fed)
 
     loaded = load(cfg.model)
+    scoring = load(cfg.scoring_model()) if cfg.separate_scorer else loaded  # quality.model
     entries = data.entries()
-    losses, anchor_losses = score_pool(loaded, cfg, data, cfg.quality.shots, stages)
+    losses, anchor_losses = score_pool(scoring, cfg, data, cfg.quality.shots, stages)
     timing = {"scoring": time.perf_counter() - start}
     main_anchors = np.arange(d.num_anchors)
     sources = {
@@ -105,7 +106,7 @@ def run_bench(
     if "paper" in bench.list_of("train"):
         paper_start = time.perf_counter()
         paper_rows, paper_outcomes = _paper_arm(
-            cfg, loaded, data, fed, losses, anchor_losses, types, stages
+            cfg, scoring, data, fed, losses, anchor_losses, types, stages
         )
         main_rows += paper_rows
         outcomes |= paper_outcomes

@@ -170,10 +170,20 @@ def node_paths(context: Context, cfg: Config) -> tuple[Path, Path, int]:
 
 
 def _model(cfg: Config, arrays: ArrayRecord) -> LoadedModel:
+    """The trained model with the server's adapter."""
     torch.set_num_threads(max(1, cfg.federation.client_cpus))
     loaded = load(cfg.model)
     set_adapter_state(loaded.model, arrays.to_torch_state_dict())
     return loaded
+
+
+def _scoring_model(cfg: Config, arrays: ArrayRecord) -> LoadedModel:
+    """The model that scores: the trained one with the server's adapter, or a separate scoring
+    model (quality.model) with its base weights, the adapter belonging to the trained model."""
+    if not cfg.separate_scorer:
+        return _model(cfg, arrays)
+    torch.set_num_threads(max(1, cfg.federation.client_cpus))
+    return load(cfg.scoring_model())
 
 
 def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
@@ -186,12 +196,14 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     raw, edges_key = msg.content[CONFIG_RECORD], QueryConfig.key("edges")
     edges = check_edges(raw[edges_key]) if edges_key in raw else None  # before reading any data
     qc = QueryConfig.from_record(raw)
-    if qc.model != cfg.model.name:
-        raise ValueError(f"server scores with model {qc.model}, this node has {cfg.model.name}")
+    if qc.model != cfg.scoring_model().name:
+        raise ValueError(
+            f"server scores with model {qc.model}, this node with {cfg.scoring_model().name}"
+        )
     cfg = cfg.replace(**{"model.max-length": qc.max_length})
     data_path, out_dir, pid = node_paths(context, cfg)
     samples = load_samples(data_path)
-    loaded = _model(cfg, msg.content[ARRAYS_RECORD])
+    loaded = _scoring_model(cfg, msg.content[ARRAYS_RECORD])
     name, batch_tokens = qc.scorer, qc.batch_tokens
     start = time.perf_counter()
     calibration = qc.calibration or []

@@ -185,7 +185,9 @@ def _phase1_quality(
     (or the mixture's bin edges), the scorer settings and the initial adapter (checkpoint
     scorers: also the checkpoints, anchor info) to the clients, which score and select
     locally. (τ, selection.json)."""
-    plan = _plan(cfg, loaded, scorer, rule, stages, checkpoints, resumed)
+    scoring = load(cfg.scoring_model()) if cfg.separate_scorer else loaded  # quality.model
+    plan = _plan(cfg, scoring, scorer, rule, stages, checkpoints, resumed)
+    # The trained model's adapter; a separate scoring model scores with its base weights.
     initial = ArrayRecord(loaded.initial_adapter)
     stages.stage(f"phase 1: {len(nodes)} clients score and select locally")
     if plan.threshold is not None:
@@ -329,7 +331,7 @@ def _plan(
         anchor_scores=anchor_scores,
     )
     threshold = plan.record() | {
-        "model": cfg.model.name,
+        "model": cfg.scoring_model().name,
         "max_length": cfg.model.max_length,
         "placement": loaded.placement.describe(),
     }
@@ -357,7 +359,7 @@ def _query_config(
     return QueryConfig(
         scorer=scorer.name,
         rule=str(rule),
-        model=cfg.model.name,
+        model=cfg.scoring_model().name,
         max_length=cfg.model.max_length,
         batch_tokens=batch_tokens_for(q.scorer, q.batch_tokens, q.backward_batch_tokens),
         tau=tau,

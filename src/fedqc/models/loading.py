@@ -60,7 +60,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
     return loaded
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=2)  # the trained model, and a separate scoring model (quality.model)
 def _load_cached(
     name: str, r: int, alpha: int, dropout: float, targets: str, placement: Placement
 ) -> LoadedModel:

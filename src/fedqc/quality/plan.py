@@ -46,6 +46,28 @@ from fedqc.scoring.shots import anchor_prefixes, demonstrations, log_demonstrati
 log = logging.getLogger(__name__)
 
 
+def check_scoring_model(
+    scorers: Sequence[str], curriculum: str, scoring: str, trained: str
+) -> None:
+    """A separate scoring model (quality.model) scores with its base weights only: it cannot run
+    the checkpoint scorers (their checkpoints are the trained model's warm-up adapters), nor a
+    curriculum that re-scores with the global adapter."""
+    if scoring == trained:
+        return
+    for name in scorers:
+        if is_checkpoint_scorer(name):
+            raise FedqcError(
+                f"scorer '{name}' scores at the trained model's warm-up checkpoints, so it cannot "
+                f"score with quality.model = '{scoring}'; leave quality.model empty, or use a "
+                "forward scorer (e.g. ppl, ifd, cond-prob)"
+            )
+    if curriculum.startswith("stages:") and not curriculum.endswith(":once"):
+        raise FedqcError(
+            f"quality.curriculum={curriculum} re-scores with the global adapter of '{trained}', "
+            f"which quality.model = '{scoring}' cannot load; use {curriculum}:once"
+        )
+
+
 @dataclass(frozen=True)
 class AnchorPlan:
     scorer: Scorer | CheckpointScorer  # an ensemble: calibrated on the anchors
