@@ -278,6 +278,7 @@ def test_profile_then_file_then_set(tmp_path):
         (["bench.scorers=ppl,clues"], "Adam moments"),
         (["bench.scorers=tracin", "bench.warmup-rounds=0"], "warmup-rounds must be ≥ 1"),
         (["bench.scorers=ppl,ppl"], "named twice"),
+        (["quality.model=gemma3-270m", "bench.scorers=ppl,tracin"], "warm-up checkpoints"),
         (["bench.scorers=ensemble:ppl"], "two or more different scorers"),
         (["data.num-anchors=5", "bench.rules=anchor-conformal:0.1"], "needs at least 9 anchors"),
         (["data.num-anchors=1", "bench.rules=mixture"], "mixture needs"),

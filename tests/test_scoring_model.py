@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -9,6 +10,9 @@ import pytest
 from conftest import save_tiny_llama
 from safetensors.torch import load_file
 
+from fedqc.bench.config import load_bench_config
+from fedqc.bench.pool import split_data
+from fedqc.bench.run import run_bench
 from fedqc.config import Config
 from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
@@ -102,3 +106,45 @@ def test_clients_score_with_the_scoring_model_and_train_the_other(
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     a = next(v for k, v in adapter.items() if "lora_A" in k)
     assert a.shape[1] == 64
+
+
+def test_the_bench_scores_its_pool_with_the_scoring_model(
+    tmp_path, tiny_model_dir, scorer_model_dir
+):
+    cfg, bench = load_bench_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"quality.model={scorer_model_dir}",
+            "quality.shots=0",
+            "model.max-length=96",
+            "data.num-clients=2",
+            "data.samples-per-client=10",
+            "data.num-anchors=3",
+            "data.num-eval=3",
+            "data.contamination=0.2,0.6",
+            "bench.scorers=ppl",
+            "bench.rules=anchor-mean",
+            "bench.anchor-sweep=2",
+            "bench.anchor-repeats=1",
+            "bench.em-questions=0",
+            "bench.train=none",
+        ],
+    )
+    bench.check(cfg)
+    (tmp_path / "bench").mkdir()
+    run_bench(cfg, bench, tmp_path / "bench", command="fedqc bench (test)")
+    with open(tmp_path / "bench" / "scores.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if not r["corruption"]]
+    data = split_data(cfg, bench)
+    clean = {s.id: s for s in data.items}
+    samples = [clean[r["id"]] for r in rows]
+    reported = [float(r["ppl"]) for r in rows]
+
+    def ppl_of(model_cfg) -> list[float]:
+        return score_samples(load(model_cfg), samples, get_scorer("ppl"), 96).raw
+
+    np.testing.assert_allclose(reported, ppl_of(cfg.scoring_model()), rtol=1e-5)
+    assert not np.allclose(reported, ppl_of(cfg.model), rtol=1e-3)
+    setup = (tmp_path / "bench" / "results.md").read_text()
+    assert f"| scoring model | {scorer_model_dir} (quality.model) |" in setup

