@@ -17,7 +17,7 @@ from fedqc.config import Config
 from fedqc.data import catalog
 from fedqc.data.partition import Partition
 from fedqc.errors import FedqcError
-from fedqc.models.assets import Wheel, cached_wheel
+from fedqc.wheels import Wheel, cached_wheel
 
 TYPES = ["cut", "deletion", "exchange", "substitute", "noise"]
 

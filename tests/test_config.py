@@ -8,7 +8,7 @@ import pytest
 
 from fedqc.config import Config, _coerce, load_config
 from fedqc.errors import FedqcError
-from fedqc.models.assets import cache_dir
+from fedqc.files import cache_dir
 
 
 def _custom() -> Config:

@@ -11,7 +11,8 @@ from lora_step import check_one_lora_step
 from fedqc.config import ModelConfig
 from fedqc.data.encoding import encode
 from fedqc.data.samples import Sample
-from fedqc.models.assets import GEMMA3, cache_dir
+from fedqc.files import cache_dir
+from fedqc.models.assets import GEMMA3
 from fedqc.models.loading import load
 from fedqc.scoring.scorers import SCORERS, score_samples
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -235,22 +236,28 @@ class Config:
         return "\n".join(lines)
 
 
+def toml_settings(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Each ``section.key`` and its value in a TOML file of [sections], in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedqcError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedqcError(f"{path}: not valid TOML ({exc})") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise FedqcError(f"{path}: '{section}' must be a [section] of keys")
+        for key, value in values.items():
+            yield f"{section}.{key}", value
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Defaults, then a TOML file with [sections], then ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FedqcError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise FedqcError(f"{path}: not valid TOML ({exc})") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise FedqcError(f"{path}: '{section}' must be a [section] of keys")
-            for key, value in values.items():
-                cfg.set(f"{section}.{key}", value, str(path))
+        for key, value in toml_settings(path):
+            cfg.set(key, value, str(Path(path)))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:

@@ -9,14 +9,13 @@ still override it.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedqc.config import Config, _coerce  # the run config's own type conversion
+from fedqc.config import Config, _coerce, toml_settings  # _coerce: the run config's own conversion
 from fedqc.data.corrupt import CORRUPTIONS
 from fedqc.data.partition import Partition, parse_partition
 from fedqc.errors import FedqcError
@@ -393,18 +392,8 @@ def load_bench_config(
         for key, value in PROFILES[profile].items():
             put(key, value, f"--{profile}")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FedqcError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise FedqcError(f"{path}: not valid TOML ({exc})") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise FedqcError(f"{path}: '{section}' must be a [section] of keys")
-            for key, value in values.items():
-                put(f"{section}.{key}", value, str(path))
+        for key, value in toml_settings(path):
+            put(key, value, str(Path(path)))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:

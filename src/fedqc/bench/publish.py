@@ -468,47 +468,28 @@ def _plots(folder: Path, r: dict) -> dict[str, Path]:
         keep_all = [row for row in r["sweeps"]["contamination"] if row["kind"] == "mixed"]
         scorers = dict.fromkeys(row["scorer"] for row in cont)
         keep_all = [row | {"scorer": s, "rule": "keep all"} for s in scorers for row in keep_all]
-        figures["contamination-tau"] = plots.panels_by(
-            folder / "contamination-tau.png",
-            cont,
+        figures |= _tau_and_f1(
+            folder,
             "contamination",
-            "tau",
-            title="τ against the corrupted share (per-client rules: mean τ)",
-            xlabel="corrupted share",
-            ylabel="τ (scorer units)",
-            sharey=False,
-        )
-        figures["contamination-f1"] = plots.panels_by(
-            folder / "contamination-f1.png",
-            cont + keep_all,
-            "contamination",
-            "f1",
-            title="selection F1 (clean = positive) against the corrupted share",
-            xlabel="corrupted share",
-            ylabel="F1",
+            "corrupted share",
+            (cont, cont + keep_all),
+            (
+                "τ against the corrupted share (per-client rules: mean τ)",
+                "selection F1 (clean = positive) against the corrupted share",
+            ),
         )
     anchors = anchor_summary(r["sweeps"]["anchors"])
     if anchors:
-        figures["anchors-tau"] = plots.panels_by(
-            folder / "anchors-tau.png",
-            anchors,
+        figures |= _tau_and_f1(
+            folder,
             "anchors",
-            "tau",
-            title="τ against the number of anchors (mean ± sd over draws)",
-            xlabel="anchors",
-            ylabel="τ (scorer units)",
-            err="tau_sd",
-            sharey=False,
-        )
-        figures["anchors-f1"] = plots.panels_by(
-            folder / "anchors-f1.png",
-            anchors,
             "anchors",
-            "f1",
-            title="selection F1 against the number of anchors (mean ± sd over draws)",
-            xlabel="anchors",
-            ylabel="F1",
-            err="f1_sd",
+            (anchors, anchors),
+            (
+                "τ against the number of anchors (mean ± sd over draws)",
+                "selection F1 against the number of anchors (mean ± sd over draws)",
+            ),
+            err=True,
         )
     qc = [t for t in measured(r["sweeps"]["types"]) if t["kind"] == "qc"]
     if qc:
@@ -530,6 +511,36 @@ def _plots(folder: Path, r: dict) -> dict[str, Path]:
             r["histories"],
             "held-out eval loss per round, per arm"
             + (f": mean over {seeds} seeds, band min–max" if seeds > 1 else ""),
+        )
+    return figures
+
+
+def _tau_and_f1(
+    folder: Path,
+    x: str,
+    xlabel: str,
+    rows: tuple[list[dict], list[dict]],
+    titles: tuple[str, str],
+    err: bool = False,
+) -> dict[str, Path]:
+    """τ and selection F1 against the swept ``x``, a panel per scorer: ``{x}-tau`` and ``{x}-f1``.
+
+    τ panels each keep their own y-axis (scorers' units differ); ``err``: ± sd bars from the
+    ``tau_sd`` and ``f1_sd`` columns.
+    """
+    figures = {}
+    ylabels = {"tau": "τ (scorer units)", "f1": "F1"}
+    for (y, ylabel), ys, title in zip(ylabels.items(), rows, titles, strict=True):
+        figures[f"{x}-{y}"] = plots.panels_by(
+            folder / f"{x}-{y}.png",
+            ys,
+            x,
+            y,
+            title=title,
+            xlabel=xlabel,
+            ylabel=ylabel,
+            err=f"{y}_sd" if err else None,
+            sharey=y == "f1",
         )
     return figures
 

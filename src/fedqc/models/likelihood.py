@@ -13,6 +13,7 @@ own response tokens count in its losses.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,16 +98,12 @@ def batch_nll(
     return sums, counts, ends
 
 
-def response_nll(
-    model: torch.nn.Module,
-    encoded: list[Encoded],
-    pad_id: int,
-    batch_tokens: int = 4096,
-    on_batch: Callable[[int], None] | None = None,
-    prefixes: Sequence[Sequence[int]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(summed NLL, token count) per sample, in input order; the model is put in eval mode."""
-    sums, counts, _ = response_losses(model, encoded, pad_id, batch_tokens, on_batch, prefixes)
+def response_nll(*args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(summed NLL, token count) per sample, in input order; the model is put in eval mode.
+
+    The arguments of :func:`response_losses`, which this returns without the end NLLs.
+    """
+    sums, counts, _ = response_losses(*args, **kwargs)
     return sums, counts
 
 

@@ -24,10 +24,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _legend_and_title(fig, axes, title: str) -> None:
-    """The legend right of the last panel, the title above the panels' own titles."""
+def _panel_row(panels: int, width: float, height: float, sharey: bool) -> tuple:
+    """A figure of ``panels`` panels side by side (at least one), each ``width`` x ``height``."""
+    n = max(panels, 1)
+    return plt.subplots(1, n, figsize=(width * n, height), sharey=sharey, squeeze=False)
+
+
+def _finish_panels(fig, axes, ylabel: str, title: str, path: Path) -> Path:
+    """The first panel's y label, the legend right of the last panel and the title above the
+    panels' own titles; then the figure saved to ``path``."""
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title, fontsize=10, y=1.04)
+    return _save(fig, path)
 
 
 def score_histograms(
@@ -70,9 +79,7 @@ def score_histograms(
         ax.set_title(f"client {c} ({int((~flags).sum())}/{len(flags)} corrupted)", fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("samples", fontsize=8)
-    _legend_and_title(fig, axes, title)
-    return _save(fig, path)
+    return _finish_panels(fig, axes, "samples", title, path)
 
 
 def panels_by(
@@ -91,13 +98,7 @@ def panels_by(
 ) -> Path:
     """A panel per value of ``panel`` (e.g. scorer), a line per value of ``line`` (e.g. rule)."""
     panels = list(dict.fromkeys(r[panel] for r in rows))
-    fig, axes = plt.subplots(
-        1,
-        max(len(panels), 1),
-        figsize=(3.6 * max(len(panels), 1), 3.0),
-        sharey=sharey,
-        squeeze=False,
-    )
+    fig, axes = _panel_row(len(panels), 3.6, 3.0, sharey)
     for ax, name in zip(axes[0], panels, strict=False):
         mine = [r for r in rows if r[panel] == name]
         for k, key in enumerate(dict.fromkeys(r[line] for r in mine)):
@@ -119,9 +120,7 @@ def panels_by(
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel, fontsize=8)
-    _legend_and_title(fig, axes, title)
-    return _save(fig, path)
+    return _finish_panels(fig, axes, ylabel, title, path)
 
 
 def grouped_bars(
@@ -129,24 +128,18 @@ def grouped_bars(
     rows: Sequence[dict],
     y: str,
     *,
-    title: str,
-    ylabel: str = "",
     panel: str = "rule",
     group: str = "corruption",
     bar: str = "scorer",
+    title: str,
+    ylabel: str = "",
 ) -> Path:
     """One panel per ``panel`` value; groups along x (e.g. corruption type), a bar per ``bar``."""
     panels = list(dict.fromkeys(r[panel] for r in rows))
     groups = list(dict.fromkeys(r[group] for r in rows))
     bars = list(dict.fromkeys(r[bar] for r in rows))
     width = 0.8 / max(len(bars), 1)
-    fig, axes = plt.subplots(
-        1,
-        max(len(panels), 1),
-        figsize=(4.2 * max(len(panels), 1), 3.2),
-        sharey=True,
-        squeeze=False,
-    )
+    fig, axes = _panel_row(len(panels), 4.2, 3.2, sharey=True)
     for ax, name in zip(axes[0], panels, strict=False):
         for k, b in enumerate(bars):
             values = {r[group]: r[y] for r in rows if r[panel] == name and r[bar] == b}
@@ -160,9 +153,7 @@ def grouped_bars(
         ax.set_title(str(name), fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel(ylabel, fontsize=8)
-    _legend_and_title(fig, axes, title)
-    return _save(fig, path)
+    return _finish_panels(fig, axes, ylabel, title, path)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,33 +26,12 @@ def round_lr(lr: float, schedule: str, absolute_round: int, total_rounds: int) -
     return lr
 
 
-def train_steps(
-    model: torch.nn.Module,
-    encoded: list[Encoded],
-    pad_id: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    gradient_checkpointing: bool = False,
-    placement: Placement | None = None,
-    proximal_mu: float = 0.0,
-) -> float:
-    """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss."""
-    return train_steps_with_optimizer(
-        model,
-        encoded,
-        pad_id,
-        steps,
-        batch_size,
-        lr,
-        weight_decay,
-        seed,
-        gradient_checkpointing,
-        placement,
-        proximal_mu,
-    )[0]
+def train_steps(*args: Any, **kwargs: Any) -> float:
+    """``steps`` AdamW steps on random batches (response-only token-mean loss); mean loss.
+
+    The arguments of :func:`train_steps_with_optimizer`, which this returns without the optimizer.
+    """
+    return train_steps_with_optimizer(*args, **kwargs)[0]
 
 
 def train_steps_with_optimizer(
