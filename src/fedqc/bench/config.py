@@ -72,6 +72,10 @@ class BenchConfig:
     # is the same in every run): each trained arm trains once per seed on the same selection.
     # Comma-separated whole numbers; empty: train.seed alone.
     seeds: str = ""
+    # FedDQC Table 8's counterpart: train the bench.train arms again on each corruption type's
+    # federation (the main one with every corrupted sample in that type; the oracle trains once,
+    # on the main one). Needs bench.variants = the number of bench.types.
+    by_type: bool = False
     # Federated-learning arms: each trained arm again under other training settings, separated by
     # ";", each one or more run-config overrides joined by "&", e.g.
     # "train.strategy=fedprox:0.01; train.aggregation=merge:ties:0.5; quality.curriculum=stages:3"
@@ -236,6 +240,27 @@ class BenchConfig:
         self.check_sources(cfg)
         self.fl_arm_list(cfg)
         self.seed_list(cfg)
+        if self.by_type:
+            self.check_by_type()
+
+    def check_by_type(self) -> None:
+        """bench.by-type trains arms on federations of every type: each item needs each type."""
+        if self.variants < len(self.type_list):
+            raise FedqcError(
+                f"bench.by-type needs every pool item corrupted by every type: set "
+                f"bench.variants={len(self.type_list)} (the number of bench.types; it is "
+                f"{self.variants})"
+            )
+        if self.checkpoint_scorers:
+            raise FedqcError(
+                "bench.by-type: the checkpoint scorers are scored on the main federation only; "
+                f"leave {', '.join(self.checkpoint_scorers)} out of bench.scorers"
+            )
+        if not [w for w in self.list_of("train") if w not in ("none", "oracle")]:
+            raise FedqcError(
+                f"bench.by-type: bench.train '{self.train}' trains no arm besides the oracle; "
+                "e.g. bench.train=mixed,paper,default,oracle"
+            )
 
     def check_sources(self, cfg: Config) -> None:
         """bench.source and bench.client-sources name sources that exist, one per client."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedqc.bench.arms import Arm, make_arms
+from fedqc.bench.by_type import MIXTURE, retype, table_rows
 from fedqc.bench.checkpoints import CheckpointScores, Warmup, warm_up
 from fedqc.bench.config import BenchConfig
 from fedqc.bench.effect import goal_checks, pm, summarize
@@ -103,11 +104,11 @@ def run_bench(
     experiment = Experiment(selector, arms, data, d.num_clients, types, d.seed, d.num_anchors)
     main_rows, outcomes = experiment.main(fed)
     train_arms = list(arms)
+    zero_shot = None
     if "paper" in bench.list_of("train"):
         paper_start = time.perf_counter()
-        paper_rows, paper_outcomes = _paper_arm(
-            cfg, scoring, data, fed, losses, anchor_losses, types, stages
-        )
+        zero_shot = _zero_shot(cfg, scoring, data, losses, anchor_losses, stages)
+        paper_rows, paper_outcomes = _paper_arm(cfg, data, fed, zero_shot, types)
         main_rows += paper_rows
         outcomes |= paper_outcomes
         train_arms.append(PAPER)
@@ -124,14 +125,32 @@ def run_bench(
     if rescoring:
         timing["re-scoring for the sweeps"] = rescoring
     timing["selection"] = time.perf_counter() - start - sum(timing.values())
+    chosen = arms_to_train(bench.train, train_arms, main_rows)
     runs = _train_arms(
-        cfg, bench, run_dir, data, fed, train_arms, main_rows, outcomes, stages, warmup
+        cfg, bench, run_dir, run_dir / "train", data, fed, chosen, outcomes, stages, warmup
     )
     timing["training"] = time.perf_counter() - start - sum(timing.values())
     base, generated = _exact_match(bench, run_dir, loaded, data, runs, stages)
     timing["generation"] = time.perf_counter() - start - sum(timing.values())
     per_seed = _per_seed(runs, generated)
     summary = summarize(per_seed)
+    by_type_rows = []
+    if bench.by_type:
+        by_type_rows = _by_type(
+            cfg,
+            bench,
+            run_dir,
+            data,
+            fed,
+            experiment,
+            train_arms,
+            main_rows,
+            zero_shot,
+            loaded,
+            per_seed,
+            stages,
+        )
+        timing["by type"] = time.perf_counter() - start - sum(timing.values())
     goals = goal_checks(summary, default_arm())
     train_rows = _train_rows(train_arms, runs, base, summary)
     _write_training(run_dir / "training.json", bench.seed_list(cfg), runs, per_seed, summary, goals)
@@ -155,6 +174,7 @@ def run_bench(
         main_rows=main_rows,
         sweeps=sweeps,
         train_rows=list(train_rows.values()),
+        by_type_rows=by_type_rows,
         histories={
             name: {seed: t["history"] for seed, t in seeds.items() if t["history"]}
             for name, seeds in runs.items()
@@ -212,33 +232,68 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
     return chosen
 
 
-def _paper_arm(cfg, loaded, data, fed, losses, anchor_losses, types, stages):
-    """The papers' arm (ppl + anchor-mean, zero-shot) on the main federation: its rows and
-    outcome. The pool and the anchors are scored again without demonstrations unless the main
-    scoring already was zero-shot."""
-    if cfg.quality.shots:
-        load_adapter(loaded, None)  # the untrained model scores, as in the main pass
-        losses, anchor_losses = score_pool(loaded, cfg, data, 0, stages)
+def _zero_shot(cfg, loaded, data, losses, anchor_losses, stages):
+    """The pool's and the anchors' losses without demonstrations (the papers' arm scores
+    zero-shot): scored again unless the main scoring already was zero-shot."""
+    if not cfg.quality.shots:
+        return losses, anchor_losses
+    load_adapter(loaded, None)  # the untrained model scores, as in the main pass
+    return score_pool(loaded, cfg, data, 0, stages)
+
+
+def _paper_arm(cfg, data, fed, zero_shot, types):
+    """The papers' arm (ppl + anchor-mean, zero-shot) on ``fed``: its rows and outcome."""
     d = cfg.data
     anchors = np.arange(d.num_anchors)
-    selector = Selector([ForwardScores(PAPER.scorer, losses, anchor_losses)], anchors)
+    selector = Selector([ForwardScores(PAPER.scorer, *zero_shot)], anchors)
     experiment = Experiment(selector, [PAPER], data, d.num_clients, types, d.seed, d.num_anchors)
     return experiment.main(fed)
 
 
+def _by_type(
+    cfg, bench, run_dir, data, fed, experiment, arms, main_rows, zero_shot, loaded, per_seed, stages
+) -> list[dict]:
+    """``bench.by-type``: on each corruption type's federation (:func:`retype`), the trained arms
+    except the oracle, whose selection is the main one's (its ``per_seed`` results stand in);
+    returns the table's rows for every type and for the main federation's mixture."""
+    oracle = {"oracle": per_seed["oracle"]} if "oracle" in per_seed else {}
+    selection = {MIXTURE: [r for r in main_rows if r["client"] == "all"]}
+    summaries = {MIXTURE: summarize(per_seed)}
+    for kind in bench.type_list:
+        fed_kind = retype(fed, data, kind)
+        rows, outcomes = experiment.main(fed_kind)
+        if zero_shot is not None:
+            paper_rows, paper_outcomes = _paper_arm(cfg, data, fed_kind, zero_shot, bench.type_list)
+            rows, outcomes = rows + paper_rows, outcomes | paper_outcomes
+        chosen = [a for a in arms_to_train(bench.train, arms, rows) if a.kind != "oracle"]
+        folder = run_dir / "by-type" / kind
+        stages.stage(f"by type: {kind} only, {len(chosen)} arm(s) to train")
+        runs = _train_arms(
+            cfg, bench, run_dir, folder, data, fed_kind, chosen, outcomes, stages, None
+        )
+        _, generated = _exact_match(bench, folder, loaded, data, runs, stages, with_base=False)
+        selection[kind] = [r for r in rows if r["client"] == "all"]
+        summaries[kind] = summarize(_per_seed(runs, generated) | oracle)
+    order = [a.name for a in arms]
+    kinds = [*bench.type_list, MIXTURE]
+    return table_rows(selection, {k: summaries[k] for k in kinds}, order)
+
+
 def _train_arms(
-    cfg, bench, run_dir, data, fed, arms, main_rows, outcomes, stages, warmup: Warmup | None
+    cfg, bench, run_dir, train_dir, data, fed, chosen, outcomes, stages, warmup: Warmup | None
 ) -> dict[str, dict[int, dict]]:
-    """Every arm of bench.train (and its bench.fl-arms variants), once per training seed:
-    arm -> seed -> :func:`train_arm`'s result."""
+    """Every ``chosen`` arm (and its bench.fl-arms variants), once per training seed, each in its
+    folder under ``train_dir``, evaluated on ``run_dir``'s data/eval.jsonl: arm -> seed ->
+    :func:`train_arm`'s result."""
     runs: dict[str, dict[int, dict]] = {}
     clients = [[data.sample(m) for m in members] for members in fed.members]
+    eval_path = run_dir / "data" / "eval.jsonl"
     seeds = bench.seed_list(cfg)
     variants = [("", "", {})] + [
         (f" + {name}", f"+fl{i}", overrides)
         for i, (name, overrides) in enumerate(bench.fl_arm_list(cfg), start=1)
     ]
-    for arm in arms_to_train(bench.train, arms, main_rows):
+    for arm in chosen:
         for suffix, folder_suffix, overrides in variants:
             name = arm.name + suffix
             runs[name] = {}
@@ -253,7 +308,7 @@ def _train_arms(
                     # the warm-up was this very run: every sample, the same config and seed
                     runs[name][seed] = warmup.result | {"from_warmup": True}
                     continue
-                folder = run_dir / "train" / (arm_folder(arm.name) + folder_suffix)
+                folder = train_dir / (arm_folder(arm.name) + folder_suffix)
                 if len(seeds) > 1:
                     folder = folder / f"seed-{seed}"
                 stages.stage(f"training arm {name}" + (f", seed {seed}" if len(seeds) > 1 else ""))
@@ -261,24 +316,27 @@ def _train_arms(
                     cfg.replace(**overrides, **{"train.seed": seed}),
                     clients,
                     outcomes[arm.name].keep,
-                    run_dir / "data" / "eval.jsonl",
+                    eval_path,
                     folder,
                     stages,
                 )
     return runs
 
 
-def _exact_match(bench, run_dir, loaded, data, runs, stages) -> tuple[dict, dict]:
-    """Greedy generation on held-out questions: the untrained model ('base') and each trained arm
-    and seed, with exact match, answer format and ROUGE-L (:func:`answer_metrics`); returns
-    (base metrics, arm -> seed -> metrics).
+def _exact_match(
+    bench, run_dir, loaded, data, runs, stages, with_base: bool = True
+) -> tuple[dict, dict]:
+    """Greedy generation on held-out questions: the untrained model ('base', unless
+    ``with_base`` is false) and each trained arm and seed, with exact match, answer format and
+    ROUGE-L (:func:`answer_metrics`); returns (base metrics, arm -> seed -> metrics), and the
+    answers as ``run_dir``/generations.jsonl.
 
     Only where every reference answer ends with a ``#### N`` number (GSM8K).
     """
     questions = data.eval[: bench.em_questions]
     if not questions or any(final_number(s.response) is None for s in questions):
         return {}, {}
-    models = [("base", None, None)] + [
+    models = [("base", None, None)] * with_base + [
         (name, seed, t["adapter"])
         for name, seeds in runs.items()
         for seed, t in seeds.items()
@@ -301,6 +359,7 @@ def _exact_match(bench, run_dir, loaded, data, runs, stages) -> tuple[dict, dict
             for s, a in zip(questions, answers, strict=True)
         ]
     load_adapter(loaded, None)
+    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "generations.jsonl", "w", encoding="utf-8") as fh:
         for g in generations:
             fh.write(json.dumps(g, ensure_ascii=False) + "\n")
