@@ -47,6 +47,30 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
 
 
+def tiny_effect_settings(model_dir: Path) -> list[str]:
+    """--set items of a tiny effect-shaped bench run: 2 clients × 6 samples, half corrupted, one
+    round of one step, 2 held-out questions of 4 new tokens, ppl with anchor-mean only."""
+    return [
+        f"model.name={model_dir}",
+        "model.max-length=96",
+        "data.num-clients=2",
+        "data.samples-per-client=6",
+        "data.num-anchors=3",
+        "data.num-eval=2",
+        "data.contamination=0.5",
+        "train.rounds=1",
+        "train.local-steps=1",
+        "train.batch-size=2",
+        "bench.scorers=ppl",
+        "bench.rules=anchor-mean",
+        "bench.anchor-sweep=3",
+        "bench.anchor-repeats=1",
+        "bench.contamination-sweep=0.5",
+        "bench.em-questions=2",
+        "bench.max-new-tokens=4",
+    ]
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A small demo federation: 2 clients of 12 samples, 4 anchors, 6 eval samples."""

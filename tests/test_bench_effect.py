@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from conftest import tiny_effect_settings
 
 from fedqc.bench.config import PROFILES, load_bench_config
 from fedqc.bench.effect import gap_recovered, goal_checks, mean_sd, paired, summarize
@@ -131,23 +132,7 @@ def effect_run(tmp_path_factory, tiny_model_dir):
     cfg, bench = load_bench_config(
         None,
         [
-            f"model.name={tiny_model_dir}",
-            "model.max-length=96",
-            "data.num-clients=2",
-            "data.samples-per-client=6",
-            "data.num-anchors=3",
-            "data.num-eval=2",
-            "data.contamination=0.5",
-            "train.rounds=1",
-            "train.local-steps=1",
-            "train.batch-size=2",
-            "bench.scorers=ppl",
-            "bench.rules=anchor-mean",
-            "bench.anchor-sweep=3",
-            "bench.anchor-repeats=1",
-            "bench.contamination-sweep=0.5",
-            "bench.em-questions=2",
-            "bench.max-new-tokens=4",
+            *tiny_effect_settings(tiny_model_dir),
             "bench.train=mixed,paper",  # 4 Flower runs; the goal checks are tested above
             "bench.seeds=0,1",
         ],
