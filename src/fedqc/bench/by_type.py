@@ -12,10 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from fedqc.bench.effect import pm
-from fedqc.bench.experiment import Federation
+from fedqc.bench.experiment import Federation, federation_of
 from fedqc.bench.pool import BenchData
 from fedqc.data.partition import Member
 from fedqc.errors import FedqcError
@@ -44,13 +42,7 @@ def retype(fed: Federation, data: BenchData, kind: str) -> Federation:
             f"bench.by-type: {missing} corrupted sample(s) have no '{kind}' version; set "
             "bench.variants to the number of bench.types so every item has every type"
         )
-    index = {e: i for i, e in enumerate(data.entries())}
-    return Federation(
-        members,
-        [np.array([index[(m.item, m.corruption)] for m in c], dtype=np.int64) for c in members],
-        [flags.copy() for flags in fed.clean],
-        f"type-{kind}",
-    )
+    return federation_of(data, members, f"type-{kind}")
 
 
 def table_rows(

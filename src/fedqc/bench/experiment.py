@@ -79,6 +79,11 @@ def make_federation(
             own = [available[i] for i in group]
             (chosen,) = assemble(own, [samples_per_client], [n_bad], types, rng)
             members.append([Member(group[m.item], m.corruption) for m in chosen])
+    return federation_of(data, members, label)
+
+
+def federation_of(data: BenchData, members: list[list[Member]], label: str) -> Federation:
+    """The federation of these clients' pool members: their entries and ground-truth flags."""
     index = {e: i for i, e in enumerate(data.entries())}
     return Federation(
         members,

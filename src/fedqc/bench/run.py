@@ -255,10 +255,9 @@ def _by_type(
 ) -> list[dict]:
     """``bench.by-type``: on each corruption type's federation (:func:`retype`), the trained arms
     except the oracle, whose selection is the main one's (its ``per_seed`` results stand in);
-    returns the table's rows for every type and for the main federation's mixture."""
+    returns the table's rows for every type and then for the main federation's mixture."""
     oracle = {"oracle": per_seed["oracle"]} if "oracle" in per_seed else {}
-    selection = {MIXTURE: [r for r in main_rows if r["client"] == "all"]}
-    summaries = {MIXTURE: summarize(per_seed)}
+    selection, summaries = {}, {}
     for kind in bench.type_list:
         fed_kind = retype(fed, data, kind)
         rows, outcomes = experiment.main(fed_kind)
@@ -274,9 +273,9 @@ def _by_type(
         _, generated = _exact_match(bench, folder, loaded, data, runs, stages, with_base=False)
         selection[kind] = [r for r in rows if r["client"] == "all"]
         summaries[kind] = summarize(_per_seed(runs, generated) | oracle)
-    order = [a.name for a in arms]
-    kinds = [*bench.type_list, MIXTURE]
-    return table_rows(selection, {k: summaries[k] for k in kinds}, order)
+    selection[MIXTURE] = [r for r in main_rows if r["client"] == "all"]
+    summaries[MIXTURE] = summarize(per_seed)
+    return table_rows(selection, summaries, [a.name for a in arms])
 
 
 def _train_arms(
