@@ -57,7 +57,7 @@ def test_grouping_finds_three_clusters():
     x, truth, _ = clusters(np.random.default_rng(0), [5, 4, 6])
     g = group_anchors(x)
     assert g.num_domains == 3 and same_partition(g.labels, truth)
-    assert g.reason.startswith("3 groups: silhouette") and "≥ 0.25" in g.reason
+    assert g.reason.startswith("3 groups: silhouette") and "≥ 0.4 " in g.reason
 
 
 def test_grouping_returns_one_group_for_one_cluster():
@@ -128,14 +128,15 @@ def test_out_of_domain_bound_is_margin_times_largest_leave_one_out_distance():
 # --- τ per domain -----------------------------------------------------------------------------
 
 
-def test_pooled_gaussian_rejects_alpha_per_domain_over_many_draws():
+@pytest.mark.parametrize("sizes", [[2, 3, 5, 10], [2, 2, 2, 2]])
+def test_pooled_gaussian_rejects_alpha_per_domain_over_many_draws(sizes):
     """Control with known theory: normal clean scores, different means, one sd; 2–10 anchors
     per domain. The rejection rate of a clean sample, Φ((τ_d − μ_d)/σ) averaged over draws, must
-    be α in every domain."""
+    be α in every domain (with 2 per domain, N − D = 4 degrees of freedom: N − 1 would miss)."""
     rng = np.random.default_rng(4)
     alpha, sigma = 0.1, 0.7
     mus = np.array([-3.0, 0.0, 5.0, 1.0])
-    sizes = np.array([2, 3, 5, 10])
+    sizes = np.array(sizes)
     labels = np.repeat(np.arange(4), sizes)
     draws = 4000
     rates = np.zeros((draws, 4))
@@ -144,7 +145,7 @@ def test_pooled_gaussian_rejects_alpha_per_domain_over_many_draws():
         taus, _, dof = pooled_gaussian_thresholds(s, labels, 4, alpha)
         rates[i] = norm.cdf((taus - mus) / sigma)
     assert dof == sizes.sum() - 4
-    assert np.abs(rates.mean(0) - alpha).max() < 0.01, rates.mean(0)
+    assert np.abs(rates.mean(0) - alpha).max() < 0.005, rates.mean(0)
 
 
 def test_mondrian_conformal_rejects_at_most_alpha_per_domain():

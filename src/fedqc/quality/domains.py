@@ -43,8 +43,13 @@ from fedqc.quality.rules import Rule, conformal_threshold, global_threshold, gua
 from fedqc.quality.selection import select
 
 OOD_SETTINGS = ("keep", "reject", "pooled")
+# Both measured on SmolLM2-135M last-layer embeddings of GSM8K, GPQA, HumanEval and MGSM German and
+# Russian (140 samples, max 256 tokens). Margin 1.5 with 5 anchors per source: 6% of the samples
+# of covered sources fall out of domain, and 92% of a source without anchors (HumanEval 68%).
+# The best split of one source's anchors (GSM8K, 5–20 anchors, 30 draws) had silhouette ≤ 0.35;
+# splits of several sources' anchors 0.42–0.93 (one draw of 2 per source: 0.33).
 OOD_MARGIN = 1.5  # × the largest leave-one-out anchor distance of the domain
-MIN_SILHOUETTE = 0.25
+MIN_SILHOUETTE = 0.4
 MAX_GROUPS = 8
 MIN_GROUP_SIZE = 2
 
