@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from fedqc.quality.domains import (
     mondrian_thresholds,
     ood_bounds,
     pooled_gaussian_thresholds,
+    standard_from_record,
 )
 from fedqc.quality.rules import RULES, global_threshold, guarantee, parse_rule
 from fedqc.quality.selection import select
@@ -298,3 +300,24 @@ def test_mixture_per_domain_centres_scores_by_domain():
     fitted = standard.with_mixture(-0.25)
     assert fitted.taus.tolist() == [0.75, 10.75]
     assert decide(fitted, np.array([0.5, 11.0]), emb).keep.tolist() == [False, True]
+
+
+def test_the_standard_survives_its_json_record():
+    rng = np.random.default_rng(12)
+    anchors, truth, basis = clusters(rng, [4, 4, 1])
+    labels = ["a", "b", "c"]
+    for text in ("anchor-gaussian:0.1", "mixture", "drop-fraction:0.3"):
+        standard = domain_standard(
+            parse_rule(text), rng.normal(size=9), anchors, [labels[t] for t in truth], ood="keep"
+        )
+        back = standard_from_record(json.loads(json.dumps(standard.record())))
+        assert back.record() == standard.record()
+        emb = basis[[0, 1, 2, 2]] + 0.3 * rng.normal(size=(4, DIM))
+        scores = rng.normal(size=4)
+        if standard.taus is not None or text.startswith("drop"):
+            assert (decide(back, scores, emb).keep == decide(standard, scores, emb).keep).all()
+    lone = domain_standard(parse_rule("anchor-mean"), np.zeros(1), anchors[:1])
+    assert (
+        lone.record()["bounds"] == [None]
+        and standard_from_record(lone.record()).bounds[0] == np.inf
+    )

@@ -39,7 +39,13 @@ from scipy.stats import t as student_t
 
 from fedqc.errors import FedqcError
 from fedqc.quality.mixture import histogram_edges
-from fedqc.quality.rules import Rule, conformal_threshold, global_threshold, guarantee
+from fedqc.quality.rules import (
+    Rule,
+    conformal_threshold,
+    global_threshold,
+    guarantee,
+    parse_rule,
+)
 from fedqc.quality.selection import select
 
 OOD_SETTINGS = ("keep", "reject", "pooled")
@@ -486,6 +492,26 @@ class DomainStandard:
             ),
         )
 
+    def record(self) -> dict:
+        """The standard as JSON-ready fields (for the plan file); :func:`standard_from_record`
+        reads them back. An infinite bound (nothing out of domain) is written as null."""
+        t = self.thresholds
+        return {
+            "rule": str(self.rule),
+            "names": list(self.names),
+            "reason": self.reason,
+            "ood": self.ood,
+            "centroids": self.centroids.tolist(),
+            "bounds": [_finite_or_none(b) for b in self.bounds.tolist()],
+            "taus": None if t.taus is None else t.taus.tolist(),
+            "pooled_tau": t.pooled_tau,
+            "centres": t.centres.tolist(),
+            "pooled_centre": t.pooled_centre,
+            "promises": list(t.promises),
+            "anchors": list(t.anchors),
+            "edges": None if t.edges is None else t.edges.tolist(),
+        }
+
     def lines(self) -> list[str]:
         """For people: why D domains, then each domain's anchors, τ and promise."""
         t = self.thresholds
@@ -494,6 +520,39 @@ class DomainStandard:
             tau = "τ after the clients' histograms" if t.taus is None else f"τ = {t.taus[d]:.5g}"
             out.append(f"  {name}: {t.anchors[d]} anchors, {tau}; {t.promises[d]}")
         return out
+
+
+def standard_from_record(data: dict) -> DomainStandard:
+    """A :meth:`DomainStandard.record` read back (KeyError, TypeError, ValueError if malformed)."""
+    names = tuple(str(x) for x in data["names"])
+    cents = np.asarray(data["centroids"], dtype=np.float64)
+    bounds = np.array([math.inf if b is None else float(b) for b in data["bounds"]])
+    if cents.ndim != 2 or len(cents) != len(names) or len(bounds) != len(names):
+        raise ValueError("one centroid and one bound per domain")
+    taus = None if data["taus"] is None else np.asarray(data["taus"], dtype=np.float64)
+    edges = None if data.get("edges") is None else np.asarray(data["edges"], dtype=np.float64)
+    thresholds = DomainThresholds(
+        taus,
+        None if data["pooled_tau"] is None else float(data["pooled_tau"]),
+        np.asarray(data["centres"], dtype=np.float64),
+        float(data["pooled_centre"]),
+        tuple(str(x) for x in data["promises"]),
+        tuple(int(x) for x in data["anchors"]),
+        edges,
+    )
+    return DomainStandard(
+        parse_rule(str(data["rule"])),
+        names,
+        cents,
+        bounds,
+        thresholds,
+        str(data["ood"]),
+        str(data["reason"]),
+    )
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def domain_standard(
