@@ -321,3 +321,19 @@ def test_the_standard_survives_its_json_record():
         lone.record()["bounds"] == [None]
         and standard_from_record(lone.record()).bounds[0] == np.inf
     )
+
+
+def test_anchor_files_may_carry_a_domain(tmp_path):
+    from fedqc.data.samples import load_samples
+
+    rows = [
+        {"question": "q1", "answer": "a1", "domain": "code"},
+        {"question": "q2", "answer": "a2", "domain": " "},
+        {"question": "q3", "answer": "a3"},
+    ]
+    path = tmp_path / "anchors.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert [s.domain for s in load_samples(path)] == ["code", None, None]
+    path.write_text(json.dumps({"question": "q", "answer": "a", "domain": 3}))
+    with pytest.raises(FedqcError, match="the domain must be a string"):
+        load_samples(path)
