@@ -6,9 +6,10 @@ and embeddings (:func:`domain_standard`); a client applies it to its own samples
 
 1. **Domains** (:func:`anchor_domains`). Anchors that carry a ``domain`` label are grouped by it.
    Without labels, :func:`group_anchors` clusters their embeddings: average-linkage on cosine
-   distance, cut into k = 2..``max_groups`` groups of at least ``min_size`` anchors each; the k
-   with the highest mean silhouette wins if that silhouette is ≥ ``min_silhouette``, otherwise
-   the anchors are one domain (today's single τ, bit for bit).
+   distance, cut at k = 2..``max_groups`` groups, the anchors of a group smaller than
+   ``min_size`` joining the nearest larger group; the split with the highest mean silhouette wins
+   if that silhouette is ≥ ``min_silhouette``, otherwise the anchors are one domain (today's
+   single τ, bit for bit).
 2. **Assignment** (:func:`assign`). A sample belongs to the domain whose centroid (the normalised
    mean of the domain's unit anchor embeddings) is nearest by cosine.
 3. **Like no anchor** (:func:`ood_bounds`). A sample is *out of domain* when its cosine distance
@@ -131,10 +132,11 @@ def group_anchors(
     max_groups: int = MAX_GROUPS,
     min_size: int = MIN_GROUP_SIZE,
 ) -> Grouping:
-    """Domains of unlabelled anchors: average-linkage clustering on cosine distance, cut into the
-    k ∈ 2..``max_groups`` groups (each of ≥ ``min_size`` anchors) with the highest mean
-    silhouette; that split is taken only if its silhouette is ≥ ``min_silhouette``, otherwise
-    the anchors are one domain. ``reason`` says which, in one line."""
+    """Domains of unlabelled anchors: average-linkage clustering on cosine distance, cut at
+    k ∈ 2..``max_groups`` (a group of fewer than ``min_size`` anchors joins the nearest larger
+    one); the split with the highest mean silhouette is taken only if that silhouette is
+    ≥ ``min_silhouette``, otherwise the anchors are one domain. ``reason`` says which, in one
+    line."""
     x = unit(embeddings)
     n = len(x)
     one = np.zeros(n, dtype=np.int64)
