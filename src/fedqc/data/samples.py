@@ -1,7 +1,8 @@
 """Instruction samples and their loading in the usual schemas.
 
 Schemas (one per source): ``instruction``/``input``/``output`` (Alpaca), ``question``/``answer``
-(GSM8K), ``prompt``/``response``, and chat ``messages`` ending with an assistant turn. Sources:
+(GSM8K), ``prompt``/``response``, and chat ``messages`` ending with an assistant turn; any schema
+may add a ``domain`` string (an anchor's domain, for the per-domain standard). Sources:
 JSON/JSONL, CSV and Parquet files, a ``save_to_disk`` folder or a Hub dataset
 (:mod:`fedqc.data.sources`).
 """
@@ -29,6 +30,7 @@ class Sample:
     id: str
     prompt: str
     response: str
+    domain: str | None = None  # an anchor's optional domain label (the row's ``domain`` field)
 
 
 def load_samples(path: str | Path) -> list[Sample]:
@@ -101,7 +103,10 @@ def _to_sample(record: dict, schema: str, default_id: str, where: str) -> Sample
             raise FedqcError(f"{where}: the {name} must be a string")
     if not response.strip():
         raise FedqcError(f"{where}: the response is empty")
-    return Sample(sid, prompt, response)
+    domain = record.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise FedqcError(f"{where}: the domain must be a string")
+    return Sample(sid, prompt, response, domain.strip() or None if domain else None)
 
 
 def _from_messages(messages: Any, where: str) -> tuple[str, str]:
