@@ -113,17 +113,22 @@ class Selection(Decisions):
         }
 
     def subset(self, dataset):
-        """The kept rows of ``dataset`` (the rows scored, in order): ``dataset.select`` for an
-        HF Dataset, else a list."""
-        if len(dataset) != self.total:
-            raise FedqcError(
-                f"the dataset has {len(dataset)} rows, the selection {self.total}: apply the plan "
-                "to this dataset"
-            )
-        indices = np.flatnonzero(self.keep).tolist()
-        if hasattr(dataset, "select"):
-            return dataset.select(indices)
-        return [dataset[i] for i in indices]
+        """The kept rows of ``dataset``, the rows scored: ``dataset.select`` for an HF Dataset,
+        else a list."""
+        return subset(dataset, self.keep)
+
+
+def subset(dataset, keep: np.ndarray):
+    """The rows of ``dataset`` where ``keep`` is true, in order (one decision per row)."""
+    if len(dataset) != len(keep):
+        raise FedqcError(
+            f"the dataset has {len(dataset)} rows, the selection {len(keep)}: apply the plan to "
+            "this dataset"
+        )
+    indices = np.flatnonzero(keep).tolist()
+    if hasattr(dataset, "select"):
+        return dataset.select(indices)
+    return [dataset[i] for i in indices]
 
 
 @dataclass(frozen=True)
