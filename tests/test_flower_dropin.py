@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -176,7 +175,6 @@ def test_the_example_app_runs_on_the_simulation_runtime(example, demo_dir, tiny_
             },
             verbose_logging=False,
         )
-    logging.getLogger().handlers.clear()  # Flower's handlers, left on the root logger
 
     quality = [r for r in received if r.metadata.message_type == QUERY_QUALITY]
     trained = [r for r in received if r.metadata.message_type == "train"]

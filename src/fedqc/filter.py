@@ -8,8 +8,10 @@
 
 :meth:`QualityFilter.fit` is the server's side (the anchors stay there), :meth:`QualityPlan.apply`
 a client's (its samples stay there). τ lives in the plan once, on the oriented scale (higher is
-better); ``tau_raw`` is derived. `fedqc run`'s clients, `fedqc threshold`, `fedqc score --plan`,
-`fedqc filter --plan` and :mod:`fedqc.flower` decide with this code, so they decide alike.
+better); ``tau_raw`` is derived. `fedqc threshold`, `fedqc score --plan`, `fedqc filter --plan`
+and :mod:`fedqc.flower` decide with this code, on the functions `fedqc run`'s server and clients
+call (``plan_from_anchors``, ``score_samples``, ``select``), so they decide alike
+(tests/test_filter.py).
 
 Forward scorers only: the checkpoint scorers (tracin, clues, ...) score at the warm-up checkpoints
 of a federated run, which `fedqc run` makes.
