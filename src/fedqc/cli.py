@@ -251,11 +251,10 @@ def score(
     from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
     setup_logging(False)
-    prefix: tuple[int, ...] | None = None
+    planned = None
     if plan is not None:
-        chosen, prefix, model, max_length = _plan_settings(
-            plan, scorer, shots, anchors, model, max_length
-        )
+        planned, model, max_length = _plan_settings(plan, scorer, shots, anchors, model, max_length)
+        chosen = planned.scorer
     elif scorer is None:
         raise FedqcError("give the scorer: --scorer NAME, or --plan threshold.json")
     else:
@@ -283,14 +282,22 @@ def score(
     samples = load_samples(data)
     if is_checkpoint_scorer(chosen.name):
         scores = _score_at_checkpoints(warm, samples, load_samples(anchors), moments)
-    else:
+    elif planned is not None:  # the plan's scorer, calibration, demonstrations and max-length
         loaded = _load(mcfg)
-        if prefix is None:
-            from fedqc.quality.plan import few_shot_prefix
+        scores = _progress(chosen, samples, lambda on: planned.score(samples, loaded, None, on))
+    else:
+        from fedqc.quality.plan import few_shot_prefix
+        from fedqc.scoring.scorers import score_samples
 
-            demos = load_samples(anchors) if shots else []
-            prefix = few_shot_prefix(loaded, demos, shots, mcfg.max_length)
-        scores = _score(loaded, samples, chosen, mcfg.max_length, [prefix] * len(samples))
+        loaded = _load(mcfg)
+        demos = load_samples(anchors) if shots else []
+        prefix = few_shot_prefix(loaded, demos, shots, mcfg.max_length)
+        prefixes = [prefix] * len(samples)
+        scores = _progress(
+            chosen,
+            samples,
+            lambda on: score_samples(loaded, samples, chosen, mcfg.max_length, 4096, on, prefixes),
+        )
     with open(out, "w", encoding="utf-8") as fh:
         for s, value in zip(samples, scores.raw, strict=True):
             fh.write(
@@ -314,12 +321,14 @@ def _plan_settings(
     model: str | None,
     max_length: int | None,
 ):
-    """(scorer, prefix, model, max-length) of `fedqc score --plan`: the plan's, which the options
-    may not contradict."""
-    from fedqc.quality.plan import read_plan
+    """(plan, model, max-length) of `fedqc score --plan`: the plan's, which the options may not
+    contradict."""
+    import dataclasses
+
+    from fedqc.filter import QualityPlan
     from fedqc.scoring.scorers import is_checkpoint_scorer
 
-    plan = read_plan(path)
+    plan = QualityPlan.load(path)
     name = plan.scorer.name
     if scorer is not None and scorer != name:
         raise FedqcError(f"--scorer {scorer}: the plan {path} scores with {name}; drop --scorer")
@@ -342,7 +351,8 @@ def _plan_settings(
                 f"{option} {given}: the plan {path} was made with {planned}; its prefix and τ "
                 f"hold for that only (drop {option})"
             )
-    return plan.scorer, plan.prefix, model or plan.model, max_length or plan.max_length
+    max_length = max_length or plan.max_length or MODEL.max_length
+    return dataclasses.replace(plan, max_length=max_length), model or plan.model, max_length
 
 
 def _load(mcfg: ModelConfig):
@@ -352,22 +362,12 @@ def _load(mcfg: ModelConfig):
         return load(mcfg)
 
 
-def _score(loaded, samples, scorer, max_length: int, prefixes=None):
-    """Forward scores of ``samples`` with their ``prefixes`` (demonstrations), with a progress
-    bar."""
-    from fedqc.scoring.scorers import score_samples
-
+def _progress(scorer, samples: list, score):
+    """``score(on_batch)`` of ``samples``, with a progress bar."""
     passes = 2 if scorer.needs_bare else 1
     with progress_bars() as progress:
         task = progress.add_task(f"scoring ({scorer.name})", total=len(samples) * passes)
-        return score_samples(
-            loaded,
-            samples,
-            scorer,
-            max_length,
-            on_batch=lambda n: progress.advance(task, n),
-            prefixes=prefixes,
-        )
+        return score(lambda k: progress.advance(task, k))
 
 
 def _warmup(scorer: str, run_dir: Path | None, mcfg: ModelConfig):
@@ -488,13 +488,12 @@ def threshold(
 ) -> None:
     """Compute the global threshold τ from anchors (what the server does); prints τ."""
     from fedqc.data.samples import load_samples
-    from fedqc.quality.plan import plan_from_anchors, plan_from_scores, plan_shots, write_plan
+    from fedqc.filter import QualityFilter, QualityPlan
     from fedqc.quality.rules import parse_rule
     from fedqc.scoring.scorers import any_scorer, is_checkpoint_scorer
 
     setup_logging(False)
     chosen, parsed = any_scorer(scorer), parse_rule(rule)
-    mcfg = _model_config(model, max_length, device, dtype)
     if not parsed.is_global:
         raise FedqcError(f"rule '{rule}' sets no global threshold (each client drops its own)")
     if parsed.needs_histograms:
@@ -502,44 +501,36 @@ def threshold(
             f"rule '{rule}' is fitted to the clients' score histograms inside a run: use it "
             "with fedqc run --set quality.rule=mixture"
         )
+    mcfg = _model_config(model, max_length, device, dtype)
     if out is not None:
         _refuse_overwrite(out, force)
     anchor_samples = load_samples(anchors)
     if is_checkpoint_scorer(chosen.name):
+        from fedqc.quality.plan import plan_from_scores
         from fedqc.scoring.warmup import anchor_side
 
         cfg, loaded, checkpoints = _warmup(chosen.name, warmup, mcfg)
         with console.status(f"scoring anchors at {len(checkpoints)} checkpoints ({chosen.name})"):
             _, scores = anchor_side(cfg, loaded, anchor_samples, checkpoints, with_scores=True)
-        plan = plan_from_scores(chosen, parsed, scores)
+        where = loaded.placement.describe()
+        plan = QualityPlan.of(
+            plan_from_scores(chosen, parsed, scores), mcfg.name, mcfg.max_length, placement=where
+        )
     else:
+        quality = QualityFilter(scorer, rule, shots, model, max_length, device=device, dtype=dtype)
         loaded = _load(mcfg)
         passes = (2 if chosen.needs_bare else 1) if parsed.needs_anchors else 0
         with progress_bars() as progress:
             task = progress.add_task(
                 f"scoring anchors ({chosen.name})", total=len(anchor_samples) * passes
             )
-            plan = plan_from_anchors(
-                loaded,
-                anchor_samples,
-                chosen,
-                parsed,
-                shots=plan_shots(chosen.name, shots, True),
-                max_length=mcfg.max_length,
-                on_batch=lambda n: progress.advance(task, n),
-            )
+            plan = quality.fit(anchor_samples, loaded, on_batch=lambda n: progress.advance(task, n))
     if out is not None:
-        write_plan(
-            out,
-            plan,
-            model=mcfg.name,
-            max_length=mcfg.max_length,
-            placement=loaded.placement.describe(),
-        )
+        plan.save(out)
     name, keep = plan.scorer.name, "≥" if plan.scorer.direction > 0 else "≤"
     err_console.print(f"{name} {parsed}: keep samples with {name} {keep} τ")
     err_console.print(plan.guarantee)
-    print(f"{plan.scorer.raw(plan.tau):.6g}")
+    print(f"{plan.tau_raw:.6g}")
 
 
 @app.command(name="filter")
@@ -556,25 +547,15 @@ def filter_(
     force: OverwriteOpt = False,
 ) -> None:
     """Keep the samples whose score passes τ; writes them unchanged, in the format of --out."""
-    import numpy as np
-
     from fedqc.data.samples import load_records, read_scores
     from fedqc.data.sources import check_output, write_rows
-    from fedqc.quality.selection import select
-    from fedqc.scoring.scorers import any_scorer
+    from fedqc.filter import QualityPlan
 
     if (threshold is None) == (plan is None):
         raise FedqcError("give τ: --threshold T (fedqc threshold) or --plan threshold.json")
-    planned = None
-    if plan is not None:
-        from fedqc.quality.plan import read_plan
-
-        planned = read_plan(plan)
-        if planned.tau_raw is None:
-            raise FedqcError(f"{plan}: its rule sets no global τ (each client drops its own)")
-        threshold = planned.tau_raw
-    if not math.isfinite(threshold):
+    if threshold is not None and not math.isfinite(threshold):
         raise FedqcError(f"--threshold {threshold}: τ must be a finite number (fedqc threshold)")
+    planned = None if plan is None else QualityPlan.load(plan)
     check_output(out)
     if out.resolve() == data.resolve():
         raise FedqcError(f"--out {out}: is the input; choose another path")
@@ -583,15 +564,14 @@ def filter_(
     ids, values, scorer_name = read_scores(scores)
     if ids != [s.id for s, _ in records]:
         raise FedqcError(f"{scores}: its ids do not match {data} line for line; re-run fedqc score")
-    if planned is not None and planned.scorer.name != scorer_name:
+    if planned is None:
+        planned = QualityPlan.fixed(scorer_name, threshold)
+    elif planned.scorer.name != scorer_name:
         raise FedqcError(
             f"{scores}: scored with {scorer_name}, the plan {plan} with {planned.scorer.name}; "
             f"score with fedqc score --plan {plan}"
         )
-    scorer = any_scorer(scorer_name)
-    selection = select(
-        scorer.orient(np.array(values, dtype=np.float64)), tau=scorer.direction * threshold
-    )
+    selection = planned.select(values)
     write_rows(
         out, [record for (_, record), keep in zip(records, selection.keep, strict=True) if keep]
     )

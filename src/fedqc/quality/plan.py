@@ -8,9 +8,8 @@
 - τ on the oriented scale (None for ``drop-fraction``, and for ``mixture``, whose τ is fitted to
   the clients' histograms over the plan's bin edges) and the guarantee in words.
 
-`fedqc run`'s server, `fedqc threshold` and the bench use it. threshold.json is its record
-(:func:`write_plan`); `fedqc score --plan` and `fedqc filter --plan` read it back
-(:func:`read_plan`), so a site scoring step by step decides exactly as a run's client does.
+`fedqc run`'s server and :class:`fedqc.filter.QualityFilter` (which `fedqc threshold`, `score
+--plan` and `filter --plan` call) use it; threshold.json is its record (:func:`plan_record`).
 """
 
 from __future__ import annotations
@@ -30,14 +29,12 @@ from fedqc.data.samples import Sample
 from fedqc.errors import FedqcError
 from fedqc.models.loading import LoadedModel
 from fedqc.quality.mixture import histogram_edges
-from fedqc.quality.rules import Rule, global_threshold, guarantee, parse_rule
+from fedqc.quality.rules import Rule, global_threshold, guarantee
 from fedqc.scoring.ensemble import Calibration, is_ensemble
 from fedqc.scoring.scorers import (
     CheckpointScorer,
     Scorer,
     Scores,
-    any_scorer,
-    get_scorer,
     is_checkpoint_scorer,
     score_samples,
 )
@@ -89,21 +86,43 @@ class AnchorPlan:
 
     def record(self) -> dict:
         """threshold.json's fields of the plan."""
-        a, s = self.anchor_scores, self.scorer
-        return {
-            "scorer": s.name,
-            "direction": "higher is better" if s.direction > 0 else "lower is better",
-            "rule": str(self.rule),
-            "shots": self.shots,
-            "guarantee": self.guarantee,
-            "tau": self.tau,
-            "tau_raw": None if self.tau is None else s.raw(self.tau),
-            "anchor_scores": None if a is None else [_finite(x) for x in a.raw.tolist()],
-            "anchors_truncated": None if a is None else a.truncated,
-            "calibration": self.calibration,
-            "prefix": list(self.prefix),
-            **({"edges": self.edges} if self.edges is not None else {}),
-        }
+        a = self.anchor_scores
+        return plan_record(
+            self.scorer,
+            self.rule,
+            self.shots,
+            self.prefix,
+            self.tau,
+            self.guarantee,
+            None if a is None else a.raw.tolist(),
+            None if a is None else a.truncated,
+        ) | ({"edges": self.edges} if self.edges is not None else {})
+
+
+def plan_record(
+    scorer: Scorer | CheckpointScorer,
+    rule: Rule,
+    shots: int,
+    prefix: Sequence[int],
+    tau: float | None,
+    guarantee: str,
+    anchor_raw: Sequence[float | None] | None,
+    anchors_truncated: int | None,
+) -> dict:
+    """The plan's fields of threshold.json: τ oriented, and in the scorer's units (derived)."""
+    return {
+        "scorer": scorer.name,
+        "direction": "higher is better" if scorer.direction > 0 else "lower is better",
+        "rule": str(rule),
+        "shots": shots,
+        "guarantee": guarantee,
+        "tau": tau,
+        "tau_raw": None if tau is None else scorer.raw(tau),
+        "anchor_scores": None if anchor_raw is None else [_finite(x) for x in anchor_raw],
+        "anchors_truncated": anchors_truncated,
+        "calibration": getattr(scorer, "calibration", None),
+        "prefix": list(prefix),
+    }
 
 
 def plan_shots(scorer: str, shots: int, has_anchors: bool) -> int:
@@ -207,65 +226,9 @@ def plan_from_scores(
     )
 
 
-def write_plan(path: Path, plan: AnchorPlan, **extra) -> None:
-    """threshold.json: the plan's record, and ``extra`` (what the run adds: model, placement, the
-    warm-up's fingerprint)."""
-    write_json(path, plan.record() | extra)
-
-
 def write_json(path: Path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
-@dataclass(frozen=True)
-class PlanFile:
-    """A threshold.json read back: what a client needs to score and select as the run does."""
-
-    scorer: Scorer | CheckpointScorer  # an ensemble with the plan's calibration
-    shots: int
-    prefix: tuple[int, ...]
-    tau_raw: float | None
-    model: str | None
-    max_length: int | None
-
-
-def read_plan(path: Path) -> PlanFile:
-    """The plan in ``path`` (a threshold.json of `fedqc run` or `fedqc threshold --out`)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        name = str(data["scorer"])
-        parse_rule(str(data["rule"]))
-        calibration = data.get("calibration")
-        scorer = (
-            get_scorer(name, [float(x) for x in calibration])
-            if is_ensemble(name) and calibration
-            else any_scorer(name)
-        )
-        tau_raw = None if data.get("tau_raw") is None else float(data["tau_raw"])
-        plan = PlanFile(
-            scorer,
-            int(data.get("shots", 0)),
-            tuple(int(t) for t in data.get("prefix", [])),
-            tau_raw,
-            data.get("model"),
-            None if data.get("max_length") is None else int(data["max_length"]),
-        )
-    except FileNotFoundError:
-        raise FedqcError(
-            f"{path}: file not found (a threshold.json: fedqc threshold --out)"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise FedqcError(
-            f"{path}: not a threshold.json plan ({exc.__class__.__name__}: {exc}); write one with "
-            "fedqc threshold --out threshold.json"
-        ) from None
-    if plan.shots and len(plan.prefix) == 0:
-        raise FedqcError(
-            f"{path}: a {plan.shots}-shot plan without its prefix (written before fedqc recorded "
-            "it); write it again with fedqc threshold --out"
-        )
-    return plan
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)

@@ -1,0 +1,1 @@
+"""flowertune-qc: a FlowerTune-shaped federated LoRA fine-tune with fedqc's quality control."""
