@@ -1,4 +1,7 @@
-"""Secure sum of the phase-1 counts (``quality.secure-sum``): pairwise masking as in SecAgg+.
+"""Secure sum of the phase-1 counts (``quality.secure-sum``): SecAgg on the complete graph.
+
+This is SecAgg (Bonawitz et al. 2017) with every client masking with every other (cost n² in
+keys, shares and unmasking), not SecAgg+, whose sparse random neighbour graph is not implemented.
 
 The server learns the sum over clients of an integer vector (the five counts, or the mixture rule's
 histogram with its three counts), never one client's vector, and the sum survives clients that
@@ -19,8 +22,8 @@ Message-API ServerApp, so it runs the same protocol here with Flower's primitive
   Flower's ``secaggplus_utils.pseudo_rand_gen`` folds its seed to 32 bits for numpy's Mersenne
   Twister, so a server could try every seed; ChaCha20 keeps the full 256-bit key.
 
-The protocol (Bonawitz et al. 2017, SecAgg, on the complete graph: every client masks with every
-other, which SecAgg+ reduces to a random neighbourhood for large federations). One session sums one
+The protocol (SecAgg on the complete graph: every client masks with every other; SecAgg+ would
+reduce that to a random neighbourhood for large federations, and is not what runs here). One session sums one
 vector; the mixture rule runs two sessions (histogram, then counts) with fresh keys, because
 unmasking one vector reveals secrets that must not serve another. Each client has a slot 0..n-1
 (the server orders the nodes that sent keys); every message names clients by slot.
