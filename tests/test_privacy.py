@@ -26,8 +26,11 @@ from fedqc.config import Config, ModelConfig
 from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
 from fedqc.federation.privacy import (
+    SAMPLES_KEY,
+    SECURE_STATE_KEY,
     AuditLog,
     EdgesRefused,
+    NodeFacts,
     OutgoingGuard,
     PrivacyViolation,
     check_edges,
@@ -46,6 +49,7 @@ from fedqc.federation.protocol import (
     REASON_GUARD,
     REASON_INPUT,
     REPLY_COUNTS,
+    REQUIREMENT_REASONS,
     SECURE_KEYS,
     SECURE_RECORD,
     SECURE_SHARES,
@@ -55,7 +59,13 @@ from fedqc.federation.protocol import (
     HistogramReply,
     TrainMetrics,
 )
-from fedqc.federation.secure_sum import client_keys, client_mask, client_shares, client_unmask
+from fedqc.federation.secure_sum import (
+    client_keys,
+    client_mask,
+    client_shares,
+    client_unmask,
+    fernet_key,
+)
 from fedqc.federation.simulation import run_simulation
 from fedqc.models.loading import load
 from fedqc.pipeline import new_run_dir, prepare
@@ -107,14 +117,38 @@ def test_every_client_message_of_a_run_is_counts_and_adapter_only(
         assert not any(t[:30] in dumped for t in texts)
 
 
-def _counts(**extra) -> RecordDict:
-    return RecordDict({"stats": MetricRecord({"total": 10, "kept": 7, **extra})})
+# A node with 10 samples and partition id 0; a plain request (no secure sum), or rule mixture's.
+FACTS = NodeFacts(samples=10, partition_id=0)
+DP_FACTS = NodeFacts(samples=10, epsilon=1.0, partition_id=0)  # counts may carry noise
+ASKED = RecordDict({"config": ConfigRecord({"tau": 0.5})})
+ASKED_HISTOGRAM = RecordDict({"config": ConfigRecord({"edges": [0.0, 1.0]})})
+COUNTS_OK = {
+    "total": 10,
+    "kept": 7,
+    "rejected-below-threshold": 2,
+    "rejected-non-finite": 1,
+    "truncated": 0,
+    "partition-id": 0,
+}
+
+
+def _counts(**changes) -> RecordDict:
+    """A query reply of this node's counts, with ``changes`` (None: the key is left out)."""
+    values = {k: v for k, v in (COUNTS_OK | changes).items() if v is not None}
+    return RecordDict({"stats": MetricRecord(values)})
 
 
 def test_guard_passes_counts_and_lora_arrays():
-    check_reply(_counts())
+    check_reply(QUERY_SCORE, ASKED, _counts(), FACTS)
+    check_reply("query.select", ASKED, _counts(**{"score-seconds": 1.5}), FACTS)
     own = {"m.lora_A.weight": ((2, 3), "float32")}
-    check_reply(RecordDict({"arrays": ArrayRecord({"m.lora_A.weight": torch.zeros(2, 3)})}), own)
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"m.lora_A.weight": torch.zeros(2, 3)}),
+            "metrics": MetricRecord({"num-examples": 7, "train-loss": 0.5}),
+        }
+    )
+    check_reply("train", ASKED, reply, NodeFacts(adapter=own, samples=10))
 
 
 @pytest.mark.parametrize(
@@ -128,20 +162,30 @@ def test_guard_passes_counts_and_lora_arrays():
 )
 def test_guard_stops_anything_else(content):
     with pytest.raises(PrivacyViolation):
-        check_reply(content)
+        check_reply(QUERY_SCORE, ASKED, content, FACTS)
 
 
 def test_guard_stops_non_adapter_arrays():
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"input_ids": torch.arange(5)}),
+            "metrics": MetricRecord({"num-examples": 7, "train-loss": 0.5}),
+        }
+    )
     with pytest.raises(PrivacyViolation):
-        check_reply(RecordDict({"arrays": ArrayRecord({"input_ids": torch.arange(5)})}))
+        check_reply("train", ASKED, reply, NodeFacts(adapter=OWN, samples=10))
 
 
-def _histogram(values) -> RecordDict:
-    return RecordDict({"stats": MetricRecord({"histogram": values, "total": 10})})
+def _histogram(values, **changes) -> RecordDict:
+    """Rule mixture's query.score reply, its total the histogram's sum (no non-finite)."""
+    total = sum(v for v in values if isinstance(v, int)) if isinstance(values, list) else 0
+    stats = {"histogram": values, "total": total, "rejected-non-finite": 0, "truncated": 0}
+    stats |= {"partition-id": 0} | changes
+    return RecordDict({"stats": MetricRecord({k: v for k, v in stats.items() if v is not None})})
 
 
 def test_guard_passes_a_histogram_of_the_agreed_length():
-    check_reply(_histogram([0] * (HISTOGRAM_BINS - 1) + [10]))
+    check_reply(QUERY_SCORE, ASKED_HISTOGRAM, _histogram([0] * (HISTOGRAM_BINS - 1) + [10]), FACTS)
 
 
 @pytest.mark.parametrize(
@@ -157,13 +201,15 @@ def test_guard_passes_a_histogram_of_the_agreed_length():
 )
 def test_guard_stops_a_histogram_that_is_not_counts_over_the_bins(values):
     with pytest.raises(PrivacyViolation):
-        check_reply(_histogram(values))
+        check_reply(QUERY_SCORE, ASKED_HISTOGRAM, _histogram(values), DP_FACTS)
 
 
 def test_guard_allows_a_histogram_only_in_the_stats_record():
     record = MetricRecord({"histogram": [0] * HISTOGRAM_BINS, "num-examples": 3})
     with pytest.raises(PrivacyViolation):
-        check_reply(RecordDict({"metrics": record}))
+        check_reply("evaluate", ASKED, RecordDict({"metrics": record}), FACTS)
+    with pytest.raises(PrivacyViolation):  # a histogram where the request asked for counts
+        check_reply(QUERY_SCORE, ASKED, _histogram([0] * (HISTOGRAM_BINS - 1) + [10]), FACTS)
     assert "histogram" in HISTOGRAM_REPLY and "histogram" not in REPLY_COUNTS
 
 
@@ -174,7 +220,12 @@ def test_noisy_histogram_adds_laplace_noise_per_bin():
     draws = np.array([noisy_histogram(counts, 0.5, rng) for _ in range(500)])
     assert draws.shape == (500, HISTOGRAM_BINS) and draws.min() >= 0
     assert abs(draws.mean() - 5) < 0.2 and draws.std() > 1
-    check_reply(_histogram(noisy_histogram(counts, 0.5, rng)))
+    check_reply(
+        QUERY_SCORE,
+        ASKED_HISTOGRAM,
+        _histogram(noisy_histogram(counts, 0.5, rng), total=300),
+        NodeFacts(samples=320, epsilon=0.5, partition_id=0),
+    )
 
 
 def test_every_reply_of_a_warm_up_and_mixture_run_is_counts_histogram_or_adapter(
@@ -254,7 +305,24 @@ def _adapter(**changes) -> ArrayRecord:
 
 def _train_reply(arrays: ArrayRecord | None = None, **metrics) -> RecordDict:
     records = {"arrays": arrays if arrays is not None else _adapter()}
-    return RecordDict(records | {"metrics": MetricRecord({"num-examples": 3, **metrics})})
+    values = {"num-examples": 10, "train-loss": 0.5} | metrics
+    return RecordDict(records | {"metrics": MetricRecord(values)})
+
+
+def _scores_as_the_adapter_reordered() -> ArrayRecord:
+    """75 per-sample scores in the adapter's two float32 shapes (6 + 6 of them), its names in
+    the other order: every name, shape and dtype right, every value finite."""
+    a, b = SCORES[:6].reshape(2, 3).float(), SCORES[6:12].reshape(3, 2).float()
+    return ArrayRecord({"m.lora_B.weight": b, "m.lora_A.weight": a})
+
+
+def _token_of(plain: bytes) -> bytes:
+    """A valid Fernet token of ``plain`` under slot 0's key for slot 1 (what the node could
+    encrypt), of the size of its real shares."""
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt
+
+    state = SESSION_STATE
+    return encrypt(fernet_key(state["sk2"], state["pk2s"][1]), plain)
 
 
 def _with_bytes_after_the_values() -> ArrayRecord:
@@ -264,9 +332,16 @@ def _with_bytes_after_the_values() -> ArrayRecord:
     return record
 
 
-def _guarded_reply(kind: str, reply, request: RecordDict | None = None) -> Message:
-    """What leaves a node whose handler returns ``reply`` (content or an Error) for ``kind``,
-    asked with ``request`` (by default an empty config)."""
+def _guarded_reply(
+    kind: str,
+    reply,
+    request: RecordDict | None = None,
+    epsilon: float = 0.0,
+    secure: dict | None = None,
+) -> Message:
+    """What leaves a node (10 samples, partition id 0, released under ``epsilon``, in the secure
+    sum session ``secure``) whose handler returns ``reply`` (content or an Error) for ``kind``,
+    asked with ``request`` (by default a config with τ)."""
     app = ClientApp(mods=[OutgoingGuard(lambda context: OWN)])
 
     def handler(msg: Message, context: Context) -> Message:
@@ -277,17 +352,29 @@ def _guarded_reply(kind: str, reply, request: RecordDict | None = None) -> Messa
     category, _, action = kind.partition(".")
     getattr(app, category)(action or "default")(handler)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the server's
-    content = request if request is not None else RecordDict({"config": ConfigRecord({})})
+    content = request if request is not None else RecordDict({"config": ConfigRecord({"tau": 0.5})})
     msg = Message(content, dst_node_id=7, message_type=kind)
     msg.metadata.__dict__["_message_id"] = "m1"
-    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    state = RecordDict({SAMPLES_KEY: ConfigRecord({"samples": 10, "epsilon": epsilon})})
+    if secure is not None:
+        state[SECURE_STATE_KEY] = ConfigRecord(secure)
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0}, state=state, run_config={}
+    )
     return app(msg, context)
+
+
+def _evaluate_reply(**metrics) -> RecordDict:
+    values = {"num-examples": 7, "eval-loss": 0.7} | metrics
+    return RecordDict({"metrics": MetricRecord(values)})
 
 
 def test_the_guard_lets_the_own_adapter_and_counts_leave():
     assert not _guarded_reply("train", _train_reply(**{"train-loss": 0.5})).has_error()
     assert not _guarded_reply("train.warmup", _train_reply()).has_error()
+    assert not _guarded_reply("evaluate", _evaluate_reply()).has_error()
     assert not _guarded_reply("query.score", _counts()).has_error()
+    assert not _guarded_reply("query.score", _counts(total=13, kept=13), epsilon=1.0).has_error()
     failed = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=REASON_FAILED)
     assert _guarded_reply("train", failed).error.reason == REASON_FAILED
 
@@ -343,12 +430,68 @@ SMUGGLING = {
     "histogram-of-floats": ("query.score", _histogram([0.25] * HISTOGRAM_BINS)),
     "histogram-negative": ("query.score", _histogram([1] * (HISTOGRAM_BINS - 1) + [-3])),
     "histogram-in-train-metrics": ("train", _train_reply(histogram=[0] * HISTOGRAM_BINS)),
+    # by content: what a node with 10 samples, partition id 0 and this adapter can have sent
+    "scores-reshaped-to-the-adapter-names-reordered": (
+        "train",
+        _train_reply(_scores_as_the_adapter_reordered()),
+    ),
+    "the-own-adapter-reordered": (
+        "train",
+        _train_reply(
+            ArrayRecord({"m.lora_B.weight": torch.ones(3, 2), "m.lora_A.weight": torch.zeros(2, 3)})
+        ),
+    ),
+    "a-stats-record-in-a-train-reply": (
+        "train",
+        RecordDict({**_train_reply(), "stats": _counts()["stats"]}),
+    ),
+    "a-stats-record-in-an-evaluate-reply": (
+        "evaluate",
+        RecordDict({**_evaluate_reply(), "stats": _counts()["stats"]}),
+    ),
+    "no-adapter-in-a-train-reply": ("train", RecordDict({"metrics": _train_reply()["metrics"]})),
+    "a-count-missing": ("query.score", _counts(truncated=None)),
+    "kept-plus-rejected-is-not-the-total": (
+        "query.score",
+        _counts(**{"rejected-below-threshold": 1}),
+    ),
+    "a-total-other-than-the-sample-count": (
+        "query.score",
+        _counts(total=8, kept=5),  # 5 + 2 + 1 = 8: consistent, but not its 10
+    ),
+    "a-warm-up-num-examples-other-than-the-sample-count": (
+        "train.warmup",
+        _train_reply(**{"num-examples": 9}),
+    ),
+    "num-examples-beyond-the-sample-count": ("train", _train_reply(**{"num-examples": 75})),
+    "nan-train-loss": ("train", _train_reply(**{"train-loss": float("nan")})),
+    "inf-eval-loss": ("evaluate", _evaluate_reply(**{"eval-loss": float("inf")})),
+    "negative-train-seconds": ("train", _train_reply(**{"train-seconds": -1.0})),
+    "a-float-partition-id": ("query.score", _counts(**{"partition-id": 0.0})),
+    "another-nodes-partition-id": ("query.score", _counts(**{"partition-id": 3})),
+    "a-float-count": ("evaluate", _evaluate_reply(**{"num-examples": 7.25})),
     # error replies: a fixed reason and code only
     "text-in-an-error-reason": (
         "query.score",
         Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="line 3: 'What is 2+3?'"),
     ),
     "data-in-an-error-code": ("query.score", Error(code=1234567, reason=REASON_FAILED)),
+}
+
+
+# Under DP (ε = 1) the identities kept + rejected = total no longer hold, so these are refused by
+# the range checks alone: counts beyond the sample count (plus the DP tail), kept > total.
+DP_SMUGGLING = {
+    "counts-beyond-the-sample-count": (
+        "query.score",
+        _counts(total=75, kept=75, **{"rejected-below-threshold": 0, "rejected-non-finite": 0}),
+    ),  # fmt: skip
+    "kept-greater-than-total": ("query.score", _counts(total=5, kept=8)),
+    "a-negative-count": ("query.score", _counts(truncated=-1)),
+    "a-histogram-bin-beyond-the-sample-count": (
+        "query.score",
+        _histogram([0] * (HISTOGRAM_BINS - 1) + [75], total=10),
+    ),
 }
 
 
@@ -364,6 +507,13 @@ def test_the_guard_refuses_every_smuggling_attempt_with_one_line(kind, reply, ca
     lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
     assert len(lines) == 1 and len(caplog.records) == 1 and not lines[0].exc_info
     assert "\n" not in lines[0].getMessage() and "2+3" not in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("kind,reply", DP_SMUGGLING.values(), ids=DP_SMUGGLING.keys())
+def test_the_guard_refuses_counts_no_noise_explains(kind, reply):
+    request = ASKED_HISTOGRAM if "histogram" in reply["stats"] else None
+    sent = _guarded_reply(kind, reply, request, epsilon=1.0)
+    assert sent.has_error() and sent.error.reason == REASON_GUARD
 
 
 # quality.secure-sum: a session's keys, encrypted shares, masked vector and unmasking shares, each
@@ -382,10 +532,12 @@ def _secure_session():
         "masked": masked,
         "unmask-request": {"active": [0, 2], "dead": [1]},
         "shares": client_unmask(states[0], [0, 2], [1]),
+        "state": states[0],  # slot 0's session state, as its context.state holds it
     }
 
 
 SESSION = _secure_session()
+SESSION_STATE = SESSION["state"]
 
 
 def _secure(body: dict, **extra) -> RecordDict:
@@ -401,6 +553,7 @@ SHARES_ASKED = _secure(SESSION["shares-request"])
 UNMASK_ASKED = _secure(SESSION["unmask-request"])
 SCORE_ASKED = _secure({"ciphertexts": [b""] * 3}, config=ConfigRecord({"tau": 0.5}))
 TOKEN = SESSION["ciphertexts"][1]
+PLAIN_LENGTH = 20 + 52 + 324  # src, dst, length; a seed share and a key share (Flower's layout)
 SCORE_BYTES = SCORES.numpy().tobytes()
 SECURE_OK = {
     "keys": (SECURE_KEYS, KEYS_ASKED, _secure(SESSION["keys"])),
@@ -456,6 +609,45 @@ SECURE_SMUGGLING = {
         SHARES_ASKED,
         _secure({"ciphertexts": [b"What is 2+3?", TOKEN, TOKEN]}),
     ),
+    # by content: a valid token of the right size under the right key, holding scores
+    "scores-in-a-valid-token": (
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure(
+            {
+                "ciphertexts": [
+                    b"",
+                    _token_of((SCORE_BYTES * 2)[:PLAIN_LENGTH]),
+                    SESSION["ciphertexts"][2],
+                ]
+            }
+        ),
+    ),
+    "another-slots-shares-in-a-valid-token": (  # slot 2's ciphertext sent where slot 1's is due
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure({"ciphertexts": [b"", SESSION["ciphertexts"][2], SESSION["ciphertexts"][2]]}),
+    ),
+    "keys-the-node-did-not-make": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        _secure(client_keys()[1]),
+    ),
+    "shares-the-node-does-not-hold": (
+        SECURE_UNMASK,
+        UNMASK_ASKED,
+        _secure({"shares": [bytes(len(x)) for x in SESSION["shares"]]}),
+    ),
+    "a-float-partition-id-beside-the-masked-vector": (
+        QUERY_SCORE,
+        SCORE_ASKED,
+        _masked(SESSION["masked"], **{"partition-id": 0.0}),
+    ),
+    "another-partition-id-beside-the-masked-vector": (
+        QUERY_SCORE,
+        SCORE_ASKED,
+        _masked(SESSION["masked"], **{"partition-id": 2}),
+    ),
     # the data reply under a secure sum: the masked vector and the partition id only
     "plaintext-counts-beside-the-masked-vector": (
         QUERY_SCORE,
@@ -503,7 +695,7 @@ SECURE_SMUGGLING = {
 
 @pytest.mark.parametrize("kind,request_,reply", SECURE_OK.values(), ids=SECURE_OK.keys())
 def test_the_guard_lets_a_secure_sums_own_replies_leave(kind, request_, reply):
-    assert not _guarded_reply(kind, reply, request_).has_error()
+    assert not _guarded_reply(kind, reply, request_, secure=SESSION_STATE).has_error()
 
 
 @pytest.mark.parametrize(
@@ -513,7 +705,7 @@ def test_the_guard_refuses_smuggling_through_a_secure_sum_with_one_line(
     kind, request_, reply, caplog
 ):
     with caplog.at_level(logging.ERROR, logger="fedqc.federation.privacy"):
-        sent = _guarded_reply(kind, reply, request_)
+        sent = _guarded_reply(kind, reply, request_, secure=SESSION_STATE)
     assert sent.has_error() and not sent.has_content()
     assert sent.error.reason == REASON_GUARD
     lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
@@ -533,7 +725,8 @@ def test_a_failure_leaves_only_a_fixed_reason(caplog):
         assert sent.error.reason == REASON_FAILED
         assert _guarded_reply("query.score", user_error).error.reason == REASON_INPUT
     assert "2+3" in caplog.text  # the details stay in the node's log
-    assert set(ERROR_REASONS) == {REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED}
+    failures = {REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED}
+    assert set(ERROR_REASONS) == failures | set(REQUIREMENT_REASONS)
     assert not any("client-" in r or "2+3" in r for r in ERROR_REASONS)
 
 
