@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,16 +28,22 @@ from fedqc.config import Config, ModelConfig
 from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
 from fedqc.federation.privacy import (
+    LEDGER_FILE,
     SAMPLES_KEY,
     SECURE_STATE_KEY,
     AuditLog,
     EdgesRefused,
     NodeFacts,
+    NodeRequirements,
     OutgoingGuard,
     PrivacyViolation,
+    RequirementRefused,
     check_edges,
     check_reply,
+    check_request,
+    ledger_total,
     noisy_histogram,
+    record_release,
 )
 from fedqc.federation.protocol import (
     ERROR_REASONS,
@@ -45,9 +53,13 @@ from fedqc.federation.protocol import (
     MIN_BIN_SHARE,
     QUERY_SCORE,
     REASON_EDGES,
+    REASON_EPSILON,
     REASON_FAILED,
     REASON_GUARD,
     REASON_INPUT,
+    REASON_MIN_CLIENTS,
+    REASON_NEEDS_SECURE_SUM,
+    REASON_NO_EVALUATE,
     REPLY_COUNTS,
     REQUIREMENT_REASONS,
     SECURE_KEYS,
@@ -827,3 +839,267 @@ def test_a_client_given_too_fine_edges_replies_a_fixed_reason_before_scoring(cap
     assert reply.has_error() and reply.error.reason == REASON_EDGES
     assert SCORES_KEY not in context.state  # refused before scoring
     assert "finer than this node accepts" in caplog.text
+
+
+# --- a node's own requirements (its node config), refused before it reads any data -----------
+
+
+def _need(**config) -> NodeRequirements:
+    return NodeRequirements.from_node_config(config)
+
+
+def _secure_asked(body: dict) -> RecordDict:
+    return RecordDict({SECURE_RECORD: ConfigRecord(body)})
+
+
+def _no_ledger() -> Path:
+    raise AssertionError("the ledger is read only for a release under max-epsilon-total")
+
+
+REFUSALS = {
+    "evaluate-refused": (
+        "evaluate",
+        ASKED,
+        _need(**{"answer-evaluate": False}),
+        3.0,
+        REASON_NO_EVALUATE,
+    ),
+    "phase-1-in-the-clear": (
+        "query.score",
+        ASKED,
+        _need(**{"require-secure-sum": True}),
+        3.0,
+        REASON_NEEDS_SECURE_SUM,
+    ),
+    "select-in-the-clear": (
+        "query.select",
+        ASKED,
+        _need(**{"require-secure-sum": "true"}),
+        3.0,
+        REASON_NEEDS_SECURE_SUM,
+    ),
+    "a-sum-of-one-in-the-clear": (
+        "query.score",
+        ASKED,
+        _need(**{"min-clients": 2}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "too-few-slots": (
+        "query.shares",
+        _secure_asked({"slot": 0, "pk1": [b"a"] * 3, "pk2": [b"b"] * 3}),
+        _need(**{"min-clients": 4}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "too-few-senders": (
+        "query.score",
+        _secure_asked({"ciphertexts": [b"", b"", b"x", b""]}),
+        _need(**{"min-clients": 3}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "too-few-active": (
+        "query.unmask",
+        _secure_asked({"active": [0, 1], "dead": [2]}),
+        _need(**{"min-clients": 3}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "no-noise": ("query.score", ASKED, _need(**{"max-epsilon": 10.0}), math.inf, REASON_EPSILON),
+    "more-epsilon-than-allowed": (
+        "train.warmup",
+        ASKED,
+        _need(**{"max-epsilon": 2.0}),
+        3.0,
+        REASON_EPSILON,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kind,request_,need,epsilon,reason", REFUSALS.values(), ids=REFUSALS.keys()
+)
+def test_a_node_refuses_a_request_that_does_not_meet_its_requirements(
+    kind, request_, need, epsilon, reason
+):
+    with pytest.raises(RequirementRefused) as refused:
+        check_request(kind, request_, need, epsilon, _no_ledger)
+    assert refused.value.reason == reason and reason in ERROR_REASONS
+
+
+def test_a_node_answers_what_meets_its_requirements_and_keeps_a_ledger(tmp_path):
+    ledger = tmp_path / "privacy-ledger.jsonl"
+    need = _need(**{"require-secure-sum": True, "min-clients": 3, "max-epsilon": 3.0})
+    shares = _secure_asked({"slot": 0, "pk1": [b"a"] * 3, "pk2": [b"b"] * 3})
+    assert not check_request("query.shares", shares, need, 3.0, _no_ledger)
+    masked = _secure_asked({"ciphertexts": [b"", b"x", b"y"]})
+    assert check_request("query.score", masked, need, 3.0, _no_ledger)  # a release
+    assert not check_request("evaluate", ASKED, need, 3.0, _no_ledger)
+    total = _need(**{"max-epsilon-total": 5.0})
+    assert check_request("query.score", ASKED, total, 3.0, lambda: ledger)
+    record_release(ledger, 1, 3.0)
+    with pytest.raises(RequirementRefused, match="the ledger holds ε = 3; this run's 3 would"):
+        check_request("query.score", ASKED, total, 3.0, lambda: ledger)  # the next run: 6 > 5
+    assert check_request("query.score", ASKED, total, 3.0, lambda: ledger, recorded=True)
+    assert ledger_total(ledger) == 3.0
+    with pytest.raises(FedqcError, match="node config min-clients='many'"):
+        _need(**{"min-clients": "many"})
+    with pytest.raises(FedqcError, match="node config answer-evaluate=1"):
+        _need(**{"answer-evaluate": 1})
+
+
+def _requirement_config(tiny_model_dir, demo_dir, run_dir: Path, **extra) -> Config:
+    return Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.num-clients": 3,
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",  # keeps everything
+            "quality.shots": 0,
+            "train.rounds": 0,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "federation.min-nodes": 1,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(run_dir),
+            **extra,
+        }
+    )
+
+
+def _dropped(run_dir: Path) -> dict[str, list[dict]]:
+    participation = json.loads((run_dir / "participation.json").read_text())
+    return {e["phase"]: e["dropped"] for e in participation if e["dropped"]}
+
+
+def test_nodes_refuse_phase_1_in_the_clear_and_evaluate_before_reading_data(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    """In-process (the ClientApp of a simulation or a SuperNode, per-node node configs): node 0
+    requires a secure sum and its data file does not exist (read first, it would fail with
+    another reason); node 1 answers no evaluate requests; node 2 requires nothing."""
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    clients = demo_dir / "clients"
+    nodes = [
+        {"require-secure-sum": True, "data-path": str(tmp_path / "no-such-file.jsonl")},
+        {"answer-evaluate": False, "data-path": str(clients / "client-1.jsonl")},
+        {"data-path": str(clients / "client-0.jsonl")},
+    ]
+    for node, pid in zip(nodes, range(3), strict=True):
+        node["output-dir"] = str(tmp_path / f"site-{pid}")
+    extra = {"train.rounds": 1, "federation.fraction-evaluate": 1.0}
+    cfg = _requirement_config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    grid = LocalGrid(build_client_app(cfg), 3, node_configs=nodes)
+    run_server(grid, cfg, QuietStages())
+    dropped = _dropped(tmp_path / "run")
+    assert dropped["query.score"] == [{"node": grid.node_of[0], "reason": REASON_NEEDS_SECURE_SUM}]
+    assert dropped["evaluate"] == [{"node": grid.node_of[1], "reason": REASON_NO_EVALUATE}]
+    assert set(dropped) == {"query.score", "evaluate"}
+    assert not (tmp_path / "site-0").exists()  # node 0 wrote nothing: it never scored
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [c["partition-id"] for c in selection["clients"]] == [1, 2]
+
+
+def test_nodes_cap_their_epsilon_per_run_and_across_runs_by_their_ledger(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    """ε = 1 per release, 3 releases: a run costs 3. Node 0 allows 2 per run; node 1 allows 5 in
+    all, so it answers the first run (its ledger: 3) and refuses the second (6 > 5)."""
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    clients = demo_dir / "clients"
+    nodes = [
+        {"max-epsilon": 2.0, "data-path": str(tmp_path / "no-such-file.jsonl")},
+        {"max-epsilon-total": 5.0, "data-path": str(clients / "client-1.jsonl")},
+        {"data-path": str(clients / "client-0.jsonl")},
+    ]
+    for node, pid in zip(nodes, range(3), strict=True):
+        node["output-dir"] = str(tmp_path / f"site-{pid}")
+    for run in ("first", "second"):
+        cfg = _requirement_config(
+            tiny_model_dir, demo_dir, tmp_path / run, **{"quality.dp-epsilon": 1.0}
+        )
+        grid = LocalGrid(build_client_app(cfg), 3, node_configs=nodes)
+        run_server(grid, cfg, QuietStages())
+        refused = {d["node"]: d["reason"] for d in _dropped(tmp_path / run)["query.score"]}
+        expected = {grid.node_of[0]: REASON_EPSILON}
+        if run == "second":
+            expected[grid.node_of[1]] = REASON_EPSILON
+        assert refused == expected, run
+    ledger = tmp_path / "site-1" / LEDGER_FILE
+    assert [json.loads(line)["epsilon"] for line in ledger.read_text().splitlines()] == [3.0]
+    assert ledger_total(tmp_path / "site-2" / LEDGER_FILE) == 6.0  # recorded without a cap too
+    assert not (tmp_path / "site-0").exists()
+
+
+def test_a_node_refuses_a_secure_sum_over_fewer_clients_than_its_min_clients(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    clients = demo_dir / "clients"
+    nodes = [
+        {"min-clients": 4, "data-path": str(tmp_path / "no-such-file.jsonl")},
+        {"min-clients": 2, "data-path": str(clients / "client-1.jsonl")},
+        {"data-path": str(clients / "client-0.jsonl")},
+    ]
+    extra = {"quality.secure-sum": True, "quality.allow-empty": True}
+    cfg = _requirement_config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    grid = LocalGrid(build_client_app(cfg), 3, node_configs=nodes)
+    run_server(grid, cfg, QuietStages())
+    dropped = _dropped(tmp_path / "run")
+    assert dropped == {"query.shares": [{"node": grid.node_of[0], "reason": REASON_MIN_CLIENTS}]}
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [n["partition-id"] for n in selection["nodes"]] == [1, 2]
+    assert selection["sums"]["total"] == 24  # the two others' 12 samples each
+
+
+def test_node_requirements_hold_in_flowers_simulation(tmp_path, tiny_model_dir, demo_dir):
+    """Ray: partition 0 answers no evaluate requests. Flower's simulation gives every node the
+    same node config, so a mod first adds partition 0's own requirement to its config."""
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",
+            "quality.shots": 0,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "federation.fraction-evaluate": 1.0,
+            "federation.min-nodes": 1,
+        }
+    )
+    cfg = prepare(cfg, new_run_dir(str(tmp_path / "run"), force=False))
+    run_simulation(cfg, cfg.data.num_clients, client_mods=[_site_requirements])
+    participation = json.loads((Path(cfg.output.run_dir) / "participation.json").read_text())
+    selection = json.loads((Path(cfg.output.run_dir) / "selection.json").read_text())
+    node_of = {c["partition-id"]: c["node"] for c in selection["clients"]}
+    evaluate = [e for e in participation if e["phase"] == "evaluate"]
+    assert evaluate and all(
+        e["dropped"] == [{"node": node_of[0], "reason": REASON_NO_EVALUATE}] for e in evaluate
+    )
+    assert all(e["answered"] == [node_of[1]] for e in evaluate)
+    assert not [e for e in participation if e["phase"] != "evaluate" and e["dropped"]]
+
+
+def _site_requirements(msg: Message, context: Context, call_next) -> Message:
+    """What ``--node-config answer-evaluate=false`` sets on partition 0's SuperNode."""
+    if int(context.node_config["partition-id"]) == 0:
+        context.node_config["answer-evaluate"] = False
+    return call_next(msg, context)
