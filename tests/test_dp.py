@@ -21,7 +21,14 @@ from safetensors.numpy import load_file
 from fedqc.config import Config, ModelConfig
 from fedqc.data.samples import load_samples
 from fedqc.federation.client_app import STATE_KEY, build_client_app
-from fedqc.federation.privacy import adapter_spec, check_reply, noisy_count, privacy_budget
+from fedqc.federation.privacy import (
+    adapter_spec,
+    check_reply,
+    node_facts,
+    noisy_count,
+    note_samples,
+    privacy_budget,
+)
 from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS, HISTOGRAM_KEY
 from fedqc.federation.server_app import run_server
 from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg, build_strategy
@@ -49,15 +56,22 @@ def _config(tiny_model_dir, demo_dir, run_dir: Path, **extra) -> Config:
     )
 
 
-def test_noisy_count_is_laplace_rounded_and_clipped():
+def test_noisy_count_is_laplace_with_scale_one_over_epsilon_rounded_and_clipped():
     rng = np.random.default_rng(0)
     assert noisy_count(7, 0.0, rng) == 7  # ε = 0: off
-    draws = np.array([noisy_count(100, 0.5, rng) for _ in range(20_000)])
-    assert draws.dtype.kind == "i"
-    assert abs(draws.mean() - 100) < 0.1  # unbiased away from 0
-    assert abs(np.abs(draws - 100).mean() - 2.0) < 0.1  # E|Laplace(1/ε)| = 1/ε, plus rounding
+    for epsilon in (0.5, 0.25, 2.0):
+        draws = np.array([noisy_count(100, epsilon, rng) for _ in range(20_000)])
+        assert draws.dtype.kind == "i"
+        assert abs(draws.mean() - 100) < 0.1 / epsilon  # unbiased away from 0
+        # E|round(Laplace(b))| = b for b = 1/ε, up to rounding (within 0.1); the variance 2b²,
+        # plus about 1/12 from rounding
+        assert abs(np.abs(draws - 100).mean() - 1 / epsilon) < 0.1
+        assert np.var(draws) == pytest.approx(2 / epsilon**2 + 1 / 12, rel=0.1)
     small = np.array([noisy_count(0, 0.5, rng) for _ in range(2_000)])
     assert small.min() == 0 and (small > 0).any()  # clipped at 0, never negative
+    signed = np.array([noisy_count(0, 0.5, rng, signed=True) for _ in range(20_000)])
+    assert signed.min() < 0 and abs(signed.mean()) < 0.1  # what a secure sum carries: unbiased
+    assert small.mean() > 0.5  # clipping biases a count of 0 upwards (about 0.6 at ε = 0.5)
 
 
 def test_a_client_reports_noisy_counts_and_reuses_them(
@@ -66,10 +80,14 @@ def test_a_client_reports_noisy_counts_and_reuses_them(
     rng = np.random.default_rng
     monkeypatch.setattr(np.random, "default_rng", lambda seed=None: rng(seed or 1234))
     replies = []
+    own = adapter_spec(load(ModelConfig(name=str(tiny_model_dir))).initial_adapter)
 
     def capture(msg, context, call_next):
         reply = call_next(msg, context)
-        replies.append((msg.metadata.message_type, reply))
+        kind = msg.metadata.message_type
+        adapter = own if kind == "train" else None
+        check_reply(kind, msg.content, reply.content, node_facts(context, adapter))
+        replies.append((kind, reply))
         return reply
 
     extra = {"quality.dp-epsilon": 0.1, "quality.rule": "fixed:1e9"}  # keeps all 12 (seeded noise)
@@ -79,9 +97,7 @@ def test_a_client_reports_noisy_counts_and_reuses_them(
     local = tmp_path / "run" / "clients"
     exact = [json.loads((local / f"client-{i}" / "selection.json").read_text()) for i in (0, 1)]
     stats = {}
-    own = adapter_spec(load(ModelConfig(name=str(tiny_model_dir))).initial_adapter)
     for kind, reply in replies:
-        check_reply(reply.content, own if kind == "train" else None)
         if kind == "query.score":
             stats[int(reply.content["stats"]["partition-id"])] = dict(reply.content["stats"])
     assert sorted(stats) == [0, 1]
@@ -89,8 +105,15 @@ def test_a_client_reports_noisy_counts_and_reuses_them(
         counts = [stats[pid][k] for k in COUNTS]
         assert all(isinstance(c, int) and c >= 0 for c in counts)
         assert "score-seconds" not in stats[pid]  # timing tracks data size: not sent under DP
-    true = [(e["total"], e["kept"]) for e in exact]
-    assert [(stats[p]["total"], stats[p]["kept"]) for p in (0, 1)] != true
+    # each count is its true value plus its own Laplace(1/ε = 10) draw from the (seeded) stream,
+    # rounded, clipped at 0 and to the released total: exactly, so a wrong scale or a missing
+    # draw fails
+    noise = rng(1234).laplace(0.0, 1 / 0.1, len(COUNTS))
+    for pid in (0, 1):
+        signed = [round(exact[pid][k] + e) for k, e in zip(COUNTS, noise, strict=True)]
+        total = max(0, signed[0])
+        expected = [total] + [min(max(0, v), total) for v in signed[1:]]
+        assert [stats[pid][k] for k in COUNTS] == expected
     train = [r for kind, r in replies if kind == "train"]
     assert train
     for reply in train:
@@ -193,6 +216,7 @@ def test_a_sampled_client_that_kept_nothing_sends_the_global_adapter_and_zero_lo
             "reported-kept": 3,  # the noisy kept count it sent
         }
     )
+    note_samples(context, n, 1.0)  # what its query.score noted for the guard
     rng = np.random.default_rng(0)
     sent = {
         k: v + torch.from_numpy(rng.normal(0, 0.01, v.shape)).float() for k, v in initial.items()
@@ -256,9 +280,11 @@ def test_a_mixture_run_states_its_budget_and_draws_noise_only_for_it(
 
     draws = []
 
-    def counting(value, epsilon, rng, real=privacy.noisy_count):
+    real = privacy.noisy_count
+
+    def counting(value, epsilon, rng, signed=False):
         draws.append(epsilon)
-        return real(value, epsilon, rng)
+        return real(value, epsilon, rng, signed)
 
     monkeypatch.setattr(privacy, "noisy_count", counting)  # the histogram's bins
     monkeypatch.setattr(client_app, "noisy_count", counting)  # the counts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,13 +28,22 @@ from fedqc.config import Config, ModelConfig
 from fedqc.data.samples import load_samples
 from fedqc.errors import FedqcError
 from fedqc.federation.privacy import (
+    LEDGER_FILE,
+    SAMPLES_KEY,
+    SECURE_STATE_KEY,
     AuditLog,
     EdgesRefused,
+    NodeFacts,
+    NodeRequirements,
     OutgoingGuard,
     PrivacyViolation,
+    RequirementRefused,
     check_edges,
     check_reply,
+    check_request,
+    ledger_total,
     noisy_histogram,
+    record_release,
 )
 from fedqc.federation.protocol import (
     ERROR_REASONS,
@@ -42,10 +53,15 @@ from fedqc.federation.protocol import (
     MIN_BIN_SHARE,
     QUERY_SCORE,
     REASON_EDGES,
+    REASON_EPSILON,
     REASON_FAILED,
     REASON_GUARD,
     REASON_INPUT,
+    REASON_MIN_CLIENTS,
+    REASON_NEEDS_SECURE_SUM,
+    REASON_NO_EVALUATE,
     REPLY_COUNTS,
+    REQUIREMENT_REASONS,
     SECURE_KEYS,
     SECURE_RECORD,
     SECURE_SHARES,
@@ -55,7 +71,13 @@ from fedqc.federation.protocol import (
     HistogramReply,
     TrainMetrics,
 )
-from fedqc.federation.secure_sum import client_keys, client_mask, client_shares, client_unmask
+from fedqc.federation.secure_sum import (
+    client_keys,
+    client_mask,
+    client_shares,
+    client_unmask,
+    fernet_key,
+)
 from fedqc.federation.simulation import run_simulation
 from fedqc.models.loading import load
 from fedqc.pipeline import new_run_dir, prepare
@@ -107,14 +129,38 @@ def test_every_client_message_of_a_run_is_counts_and_adapter_only(
         assert not any(t[:30] in dumped for t in texts)
 
 
-def _counts(**extra) -> RecordDict:
-    return RecordDict({"stats": MetricRecord({"total": 10, "kept": 7, **extra})})
+# A node with 10 samples and partition id 0; a plain request (no secure sum), or rule mixture's.
+FACTS = NodeFacts(samples=10, partition_id=0)
+DP_FACTS = NodeFacts(samples=10, epsilon=1.0, partition_id=0)  # counts may carry noise
+ASKED = RecordDict({"config": ConfigRecord({"tau": 0.5})})
+ASKED_HISTOGRAM = RecordDict({"config": ConfigRecord({"edges": [0.0, 1.0]})})
+COUNTS_OK = {
+    "total": 10,
+    "kept": 7,
+    "rejected-below-threshold": 2,
+    "rejected-non-finite": 1,
+    "truncated": 0,
+    "partition-id": 0,
+}
+
+
+def _counts(**changes) -> RecordDict:
+    """A query reply of this node's counts, with ``changes`` (None: the key is left out)."""
+    values = {k: v for k, v in (COUNTS_OK | changes).items() if v is not None}
+    return RecordDict({"stats": MetricRecord(values)})
 
 
 def test_guard_passes_counts_and_lora_arrays():
-    check_reply(_counts())
+    check_reply(QUERY_SCORE, ASKED, _counts(), FACTS)
+    check_reply("query.select", ASKED, _counts(**{"score-seconds": 1.5}), FACTS)
     own = {"m.lora_A.weight": ((2, 3), "float32")}
-    check_reply(RecordDict({"arrays": ArrayRecord({"m.lora_A.weight": torch.zeros(2, 3)})}), own)
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"m.lora_A.weight": torch.zeros(2, 3)}),
+            "metrics": MetricRecord({"num-examples": 7, "train-loss": 0.5}),
+        }
+    )
+    check_reply("train", ASKED, reply, NodeFacts(adapter=own, samples=10))
 
 
 @pytest.mark.parametrize(
@@ -128,20 +174,30 @@ def test_guard_passes_counts_and_lora_arrays():
 )
 def test_guard_stops_anything_else(content):
     with pytest.raises(PrivacyViolation):
-        check_reply(content)
+        check_reply(QUERY_SCORE, ASKED, content, FACTS)
 
 
 def test_guard_stops_non_adapter_arrays():
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({"input_ids": torch.arange(5)}),
+            "metrics": MetricRecord({"num-examples": 7, "train-loss": 0.5}),
+        }
+    )
     with pytest.raises(PrivacyViolation):
-        check_reply(RecordDict({"arrays": ArrayRecord({"input_ids": torch.arange(5)})}))
+        check_reply("train", ASKED, reply, NodeFacts(adapter=OWN, samples=10))
 
 
-def _histogram(values) -> RecordDict:
-    return RecordDict({"stats": MetricRecord({"histogram": values, "total": 10})})
+def _histogram(values, **changes) -> RecordDict:
+    """Rule mixture's query.score reply, its total the histogram's sum (no non-finite)."""
+    total = sum(v for v in values if isinstance(v, int)) if isinstance(values, list) else 0
+    stats = {"histogram": values, "total": total, "rejected-non-finite": 0, "truncated": 0}
+    stats |= {"partition-id": 0} | changes
+    return RecordDict({"stats": MetricRecord({k: v for k, v in stats.items() if v is not None})})
 
 
 def test_guard_passes_a_histogram_of_the_agreed_length():
-    check_reply(_histogram([0] * (HISTOGRAM_BINS - 1) + [10]))
+    check_reply(QUERY_SCORE, ASKED_HISTOGRAM, _histogram([0] * (HISTOGRAM_BINS - 1) + [10]), FACTS)
 
 
 @pytest.mark.parametrize(
@@ -157,13 +213,15 @@ def test_guard_passes_a_histogram_of_the_agreed_length():
 )
 def test_guard_stops_a_histogram_that_is_not_counts_over_the_bins(values):
     with pytest.raises(PrivacyViolation):
-        check_reply(_histogram(values))
+        check_reply(QUERY_SCORE, ASKED_HISTOGRAM, _histogram(values), DP_FACTS)
 
 
 def test_guard_allows_a_histogram_only_in_the_stats_record():
     record = MetricRecord({"histogram": [0] * HISTOGRAM_BINS, "num-examples": 3})
     with pytest.raises(PrivacyViolation):
-        check_reply(RecordDict({"metrics": record}))
+        check_reply("evaluate", ASKED, RecordDict({"metrics": record}), FACTS)
+    with pytest.raises(PrivacyViolation):  # a histogram where the request asked for counts
+        check_reply(QUERY_SCORE, ASKED, _histogram([0] * (HISTOGRAM_BINS - 1) + [10]), FACTS)
     assert "histogram" in HISTOGRAM_REPLY and "histogram" not in REPLY_COUNTS
 
 
@@ -174,7 +232,12 @@ def test_noisy_histogram_adds_laplace_noise_per_bin():
     draws = np.array([noisy_histogram(counts, 0.5, rng) for _ in range(500)])
     assert draws.shape == (500, HISTOGRAM_BINS) and draws.min() >= 0
     assert abs(draws.mean() - 5) < 0.2 and draws.std() > 1
-    check_reply(_histogram(noisy_histogram(counts, 0.5, rng)))
+    check_reply(
+        QUERY_SCORE,
+        ASKED_HISTOGRAM,
+        _histogram(noisy_histogram(counts, 0.5, rng), total=300),
+        NodeFacts(samples=320, epsilon=0.5, partition_id=0),
+    )
 
 
 def test_every_reply_of_a_warm_up_and_mixture_run_is_counts_histogram_or_adapter(
@@ -254,7 +317,24 @@ def _adapter(**changes) -> ArrayRecord:
 
 def _train_reply(arrays: ArrayRecord | None = None, **metrics) -> RecordDict:
     records = {"arrays": arrays if arrays is not None else _adapter()}
-    return RecordDict(records | {"metrics": MetricRecord({"num-examples": 3, **metrics})})
+    values = {"num-examples": 10, "train-loss": 0.5} | metrics
+    return RecordDict(records | {"metrics": MetricRecord(values)})
+
+
+def _scores_as_the_adapter_reordered() -> ArrayRecord:
+    """75 per-sample scores in the adapter's two float32 shapes (6 + 6 of them), its names in
+    the other order: every name, shape and dtype right, every value finite."""
+    a, b = SCORES[:6].reshape(2, 3).float(), SCORES[6:12].reshape(3, 2).float()
+    return ArrayRecord({"m.lora_B.weight": b, "m.lora_A.weight": a})
+
+
+def _token_of(plain: bytes) -> bytes:
+    """A valid Fernet token of ``plain`` under slot 0's key for slot 1 (what the node could
+    encrypt), of the size of its real shares."""
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt
+
+    state = SESSION_STATE
+    return encrypt(fernet_key(state["sk2"], state["pk2s"][1]), plain)
 
 
 def _with_bytes_after_the_values() -> ArrayRecord:
@@ -264,9 +344,16 @@ def _with_bytes_after_the_values() -> ArrayRecord:
     return record
 
 
-def _guarded_reply(kind: str, reply, request: RecordDict | None = None) -> Message:
-    """What leaves a node whose handler returns ``reply`` (content or an Error) for ``kind``,
-    asked with ``request`` (by default an empty config)."""
+def _guarded_reply(
+    kind: str,
+    reply,
+    request: RecordDict | None = None,
+    epsilon: float = 0.0,
+    secure: dict | None = None,
+) -> Message:
+    """What leaves a node (10 samples, partition id 0, released under ``epsilon``, in the secure
+    sum session ``secure``) whose handler returns ``reply`` (content or an Error) for ``kind``,
+    asked with ``request`` (by default a config with τ)."""
     app = ClientApp(mods=[OutgoingGuard(lambda context: OWN)])
 
     def handler(msg: Message, context: Context) -> Message:
@@ -277,17 +364,29 @@ def _guarded_reply(kind: str, reply, request: RecordDict | None = None) -> Messa
     category, _, action = kind.partition(".")
     getattr(app, category)(action or "default")(handler)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # the server's
-    content = request if request is not None else RecordDict({"config": ConfigRecord({})})
+    content = request if request is not None else RecordDict({"config": ConfigRecord({"tau": 0.5})})
     msg = Message(content, dst_node_id=7, message_type=kind)
     msg.metadata.__dict__["_message_id"] = "m1"
-    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    state = RecordDict({SAMPLES_KEY: ConfigRecord({"samples": 10, "epsilon": epsilon})})
+    if secure is not None:
+        state[SECURE_STATE_KEY] = ConfigRecord(secure)
+    context = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0}, state=state, run_config={}
+    )
     return app(msg, context)
+
+
+def _evaluate_reply(**metrics) -> RecordDict:
+    values = {"num-examples": 7, "eval-loss": 0.7} | metrics
+    return RecordDict({"metrics": MetricRecord(values)})
 
 
 def test_the_guard_lets_the_own_adapter_and_counts_leave():
     assert not _guarded_reply("train", _train_reply(**{"train-loss": 0.5})).has_error()
     assert not _guarded_reply("train.warmup", _train_reply()).has_error()
+    assert not _guarded_reply("evaluate", _evaluate_reply()).has_error()
     assert not _guarded_reply("query.score", _counts()).has_error()
+    assert not _guarded_reply("query.score", _counts(total=13, kept=13), epsilon=1.0).has_error()
     failed = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=REASON_FAILED)
     assert _guarded_reply("train", failed).error.reason == REASON_FAILED
 
@@ -343,12 +442,68 @@ SMUGGLING = {
     "histogram-of-floats": ("query.score", _histogram([0.25] * HISTOGRAM_BINS)),
     "histogram-negative": ("query.score", _histogram([1] * (HISTOGRAM_BINS - 1) + [-3])),
     "histogram-in-train-metrics": ("train", _train_reply(histogram=[0] * HISTOGRAM_BINS)),
+    # by content: what a node with 10 samples, partition id 0 and this adapter can have sent
+    "scores-reshaped-to-the-adapter-names-reordered": (
+        "train",
+        _train_reply(_scores_as_the_adapter_reordered()),
+    ),
+    "the-own-adapter-reordered": (
+        "train",
+        _train_reply(
+            ArrayRecord({"m.lora_B.weight": torch.ones(3, 2), "m.lora_A.weight": torch.zeros(2, 3)})
+        ),
+    ),
+    "a-stats-record-in-a-train-reply": (
+        "train",
+        RecordDict({**_train_reply(), "stats": _counts()["stats"]}),
+    ),
+    "a-stats-record-in-an-evaluate-reply": (
+        "evaluate",
+        RecordDict({**_evaluate_reply(), "stats": _counts()["stats"]}),
+    ),
+    "no-adapter-in-a-train-reply": ("train", RecordDict({"metrics": _train_reply()["metrics"]})),
+    "a-count-missing": ("query.score", _counts(truncated=None)),
+    "kept-plus-rejected-is-not-the-total": (
+        "query.score",
+        _counts(**{"rejected-below-threshold": 1}),
+    ),
+    "a-total-other-than-the-sample-count": (
+        "query.score",
+        _counts(total=8, kept=5),  # 5 + 2 + 1 = 8: consistent, but not its 10
+    ),
+    "a-warm-up-num-examples-other-than-the-sample-count": (
+        "train.warmup",
+        _train_reply(**{"num-examples": 9}),
+    ),
+    "num-examples-beyond-the-sample-count": ("train", _train_reply(**{"num-examples": 75})),
+    "nan-train-loss": ("train", _train_reply(**{"train-loss": float("nan")})),
+    "inf-eval-loss": ("evaluate", _evaluate_reply(**{"eval-loss": float("inf")})),
+    "negative-train-seconds": ("train", _train_reply(**{"train-seconds": -1.0})),
+    "a-float-partition-id": ("query.score", _counts(**{"partition-id": 0.0})),
+    "another-nodes-partition-id": ("query.score", _counts(**{"partition-id": 3})),
+    "a-float-count": ("evaluate", _evaluate_reply(**{"num-examples": 7.25})),
     # error replies: a fixed reason and code only
     "text-in-an-error-reason": (
         "query.score",
         Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="line 3: 'What is 2+3?'"),
     ),
     "data-in-an-error-code": ("query.score", Error(code=1234567, reason=REASON_FAILED)),
+}
+
+
+# Under DP (ε = 1) the identities kept + rejected = total no longer hold, so these are refused by
+# the range checks alone: counts beyond the sample count (plus the DP tail), kept > total.
+DP_SMUGGLING = {
+    "counts-beyond-the-sample-count": (
+        "query.score",
+        _counts(total=75, kept=75, **{"rejected-below-threshold": 0, "rejected-non-finite": 0}),
+    ),  # fmt: skip
+    "kept-greater-than-total": ("query.score", _counts(total=5, kept=8)),
+    "a-negative-count": ("query.score", _counts(truncated=-1)),
+    "a-histogram-bin-beyond-the-sample-count": (
+        "query.score",
+        _histogram([0] * (HISTOGRAM_BINS - 1) + [75], total=10),
+    ),
 }
 
 
@@ -364,6 +519,13 @@ def test_the_guard_refuses_every_smuggling_attempt_with_one_line(kind, reply, ca
     lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
     assert len(lines) == 1 and len(caplog.records) == 1 and not lines[0].exc_info
     assert "\n" not in lines[0].getMessage() and "2+3" not in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("kind,reply", DP_SMUGGLING.values(), ids=DP_SMUGGLING.keys())
+def test_the_guard_refuses_counts_no_noise_explains(kind, reply):
+    request = ASKED_HISTOGRAM if "histogram" in reply["stats"] else None
+    sent = _guarded_reply(kind, reply, request, epsilon=1.0)
+    assert sent.has_error() and sent.error.reason == REASON_GUARD
 
 
 # quality.secure-sum: a session's keys, encrypted shares, masked vector and unmasking shares, each
@@ -382,10 +544,12 @@ def _secure_session():
         "masked": masked,
         "unmask-request": {"active": [0, 2], "dead": [1]},
         "shares": client_unmask(states[0], [0, 2], [1]),
+        "state": states[0],  # slot 0's session state, as its context.state holds it
     }
 
 
 SESSION = _secure_session()
+SESSION_STATE = SESSION["state"]
 
 
 def _secure(body: dict, **extra) -> RecordDict:
@@ -401,6 +565,7 @@ SHARES_ASKED = _secure(SESSION["shares-request"])
 UNMASK_ASKED = _secure(SESSION["unmask-request"])
 SCORE_ASKED = _secure({"ciphertexts": [b""] * 3}, config=ConfigRecord({"tau": 0.5}))
 TOKEN = SESSION["ciphertexts"][1]
+PLAIN_LENGTH = 20 + 52 + 324  # src, dst, length; a seed share and a key share (Flower's layout)
 SCORE_BYTES = SCORES.numpy().tobytes()
 SECURE_OK = {
     "keys": (SECURE_KEYS, KEYS_ASKED, _secure(SESSION["keys"])),
@@ -456,6 +621,45 @@ SECURE_SMUGGLING = {
         SHARES_ASKED,
         _secure({"ciphertexts": [b"What is 2+3?", TOKEN, TOKEN]}),
     ),
+    # by content: a valid token of the right size under the right key, holding scores
+    "scores-in-a-valid-token": (
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure(
+            {
+                "ciphertexts": [
+                    b"",
+                    _token_of((SCORE_BYTES * 2)[:PLAIN_LENGTH]),
+                    SESSION["ciphertexts"][2],
+                ]
+            }
+        ),
+    ),
+    "another-slots-shares-in-a-valid-token": (  # slot 2's ciphertext sent where slot 1's is due
+        SECURE_SHARES,
+        SHARES_ASKED,
+        _secure({"ciphertexts": [b"", SESSION["ciphertexts"][2], SESSION["ciphertexts"][2]]}),
+    ),
+    "keys-the-node-did-not-make": (
+        SECURE_KEYS,
+        KEYS_ASKED,
+        _secure(client_keys()[1]),
+    ),
+    "shares-the-node-does-not-hold": (
+        SECURE_UNMASK,
+        UNMASK_ASKED,
+        _secure({"shares": [bytes(len(x)) for x in SESSION["shares"]]}),
+    ),
+    "a-float-partition-id-beside-the-masked-vector": (
+        QUERY_SCORE,
+        SCORE_ASKED,
+        _masked(SESSION["masked"], **{"partition-id": 0.0}),
+    ),
+    "another-partition-id-beside-the-masked-vector": (
+        QUERY_SCORE,
+        SCORE_ASKED,
+        _masked(SESSION["masked"], **{"partition-id": 2}),
+    ),
     # the data reply under a secure sum: the masked vector and the partition id only
     "plaintext-counts-beside-the-masked-vector": (
         QUERY_SCORE,
@@ -503,7 +707,7 @@ SECURE_SMUGGLING = {
 
 @pytest.mark.parametrize("kind,request_,reply", SECURE_OK.values(), ids=SECURE_OK.keys())
 def test_the_guard_lets_a_secure_sums_own_replies_leave(kind, request_, reply):
-    assert not _guarded_reply(kind, reply, request_).has_error()
+    assert not _guarded_reply(kind, reply, request_, secure=SESSION_STATE).has_error()
 
 
 @pytest.mark.parametrize(
@@ -513,7 +717,7 @@ def test_the_guard_refuses_smuggling_through_a_secure_sum_with_one_line(
     kind, request_, reply, caplog
 ):
     with caplog.at_level(logging.ERROR, logger="fedqc.federation.privacy"):
-        sent = _guarded_reply(kind, reply, request_)
+        sent = _guarded_reply(kind, reply, request_, secure=SESSION_STATE)
     assert sent.has_error() and not sent.has_content()
     assert sent.error.reason == REASON_GUARD
     lines = [r for r in caplog.records if "reply stopped by the privacy guard" in r.getMessage()]
@@ -533,7 +737,8 @@ def test_a_failure_leaves_only_a_fixed_reason(caplog):
         assert sent.error.reason == REASON_FAILED
         assert _guarded_reply("query.score", user_error).error.reason == REASON_INPUT
     assert "2+3" in caplog.text  # the details stay in the node's log
-    assert set(ERROR_REASONS) == {REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED}
+    failures = {REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED}
+    assert set(ERROR_REASONS) == failures | set(REQUIREMENT_REASONS)
     assert not any("client-" in r or "2+3" in r for r in ERROR_REASONS)
 
 
@@ -634,3 +839,267 @@ def test_a_client_given_too_fine_edges_replies_a_fixed_reason_before_scoring(cap
     assert reply.has_error() and reply.error.reason == REASON_EDGES
     assert SCORES_KEY not in context.state  # refused before scoring
     assert "finer than this node accepts" in caplog.text
+
+
+# --- a node's own requirements (its node config), refused before it reads any data -----------
+
+
+def _need(**config) -> NodeRequirements:
+    return NodeRequirements.from_node_config(config)
+
+
+def _secure_asked(body: dict) -> RecordDict:
+    return RecordDict({SECURE_RECORD: ConfigRecord(body)})
+
+
+def _no_ledger() -> Path:
+    raise AssertionError("the ledger is read only for a release under max-epsilon-total")
+
+
+REFUSALS = {
+    "evaluate-refused": (
+        "evaluate",
+        ASKED,
+        _need(**{"answer-evaluate": False}),
+        3.0,
+        REASON_NO_EVALUATE,
+    ),
+    "phase-1-in-the-clear": (
+        "query.score",
+        ASKED,
+        _need(**{"require-secure-sum": True}),
+        3.0,
+        REASON_NEEDS_SECURE_SUM,
+    ),
+    "select-in-the-clear": (
+        "query.select",
+        ASKED,
+        _need(**{"require-secure-sum": "true"}),
+        3.0,
+        REASON_NEEDS_SECURE_SUM,
+    ),
+    "a-sum-of-one-in-the-clear": (
+        "query.score",
+        ASKED,
+        _need(**{"min-clients": 2}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "too-few-slots": (
+        "query.shares",
+        _secure_asked({"slot": 0, "pk1": [b"a"] * 3, "pk2": [b"b"] * 3}),
+        _need(**{"min-clients": 4}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "too-few-senders": (
+        "query.score",
+        _secure_asked({"ciphertexts": [b"", b"", b"x", b""]}),
+        _need(**{"min-clients": 3}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "too-few-active": (
+        "query.unmask",
+        _secure_asked({"active": [0, 1], "dead": [2]}),
+        _need(**{"min-clients": 3}),
+        3.0,
+        REASON_MIN_CLIENTS,
+    ),
+    "no-noise": ("query.score", ASKED, _need(**{"max-epsilon": 10.0}), math.inf, REASON_EPSILON),
+    "more-epsilon-than-allowed": (
+        "train.warmup",
+        ASKED,
+        _need(**{"max-epsilon": 2.0}),
+        3.0,
+        REASON_EPSILON,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kind,request_,need,epsilon,reason", REFUSALS.values(), ids=REFUSALS.keys()
+)
+def test_a_node_refuses_a_request_that_does_not_meet_its_requirements(
+    kind, request_, need, epsilon, reason
+):
+    with pytest.raises(RequirementRefused) as refused:
+        check_request(kind, request_, need, epsilon, _no_ledger)
+    assert refused.value.reason == reason and reason in ERROR_REASONS
+
+
+def test_a_node_answers_what_meets_its_requirements_and_keeps_a_ledger(tmp_path):
+    ledger = tmp_path / "privacy-ledger.jsonl"
+    need = _need(**{"require-secure-sum": True, "min-clients": 3, "max-epsilon": 3.0})
+    shares = _secure_asked({"slot": 0, "pk1": [b"a"] * 3, "pk2": [b"b"] * 3})
+    assert not check_request("query.shares", shares, need, 3.0, _no_ledger)
+    masked = _secure_asked({"ciphertexts": [b"", b"x", b"y"]})
+    assert check_request("query.score", masked, need, 3.0, _no_ledger)  # a release
+    assert not check_request("evaluate", ASKED, need, 3.0, _no_ledger)
+    total = _need(**{"max-epsilon-total": 5.0})
+    assert check_request("query.score", ASKED, total, 3.0, lambda: ledger)
+    record_release(ledger, 1, 3.0)
+    with pytest.raises(RequirementRefused, match="the ledger holds ε = 3; this run's 3 would"):
+        check_request("query.score", ASKED, total, 3.0, lambda: ledger)  # the next run: 6 > 5
+    assert check_request("query.score", ASKED, total, 3.0, lambda: ledger, recorded=True)
+    assert ledger_total(ledger) == 3.0
+    with pytest.raises(FedqcError, match="node config min-clients='many'"):
+        _need(**{"min-clients": "many"})
+    with pytest.raises(FedqcError, match="node config answer-evaluate=1"):
+        _need(**{"answer-evaluate": 1})
+
+
+def _requirement_config(tiny_model_dir, demo_dir, run_dir: Path, **extra) -> Config:
+    return Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.num-clients": 3,
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",  # keeps everything
+            "quality.shots": 0,
+            "train.rounds": 0,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "federation.min-nodes": 1,
+            "federation.join-timeout": 5.0,
+            "output.run-dir": str(run_dir),
+            **extra,
+        }
+    )
+
+
+def _dropped(run_dir: Path) -> dict[str, list[dict]]:
+    participation = json.loads((run_dir / "participation.json").read_text())
+    return {e["phase"]: e["dropped"] for e in participation if e["dropped"]}
+
+
+def test_nodes_refuse_phase_1_in_the_clear_and_evaluate_before_reading_data(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    """In-process (the ClientApp of a simulation or a SuperNode, per-node node configs): node 0
+    requires a secure sum and its data file does not exist (read first, it would fail with
+    another reason); node 1 answers no evaluate requests; node 2 requires nothing."""
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    clients = demo_dir / "clients"
+    nodes = [
+        {"require-secure-sum": True, "data-path": str(tmp_path / "no-such-file.jsonl")},
+        {"answer-evaluate": False, "data-path": str(clients / "client-1.jsonl")},
+        {"data-path": str(clients / "client-0.jsonl")},
+    ]
+    for node, pid in zip(nodes, range(3), strict=True):
+        node["output-dir"] = str(tmp_path / f"site-{pid}")
+    extra = {"train.rounds": 1, "federation.fraction-evaluate": 1.0}
+    cfg = _requirement_config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    grid = LocalGrid(build_client_app(cfg), 3, node_configs=nodes)
+    run_server(grid, cfg, QuietStages())
+    dropped = _dropped(tmp_path / "run")
+    assert dropped["query.score"] == [{"node": grid.node_of[0], "reason": REASON_NEEDS_SECURE_SUM}]
+    assert dropped["evaluate"] == [{"node": grid.node_of[1], "reason": REASON_NO_EVALUATE}]
+    assert set(dropped) == {"query.score", "evaluate"}
+    assert not (tmp_path / "site-0").exists()  # node 0 wrote nothing: it never scored
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [c["partition-id"] for c in selection["clients"]] == [1, 2]
+
+
+def test_nodes_cap_their_epsilon_per_run_and_across_runs_by_their_ledger(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    """ε = 1 per release, 3 releases: a run costs 3. Node 0 allows 2 per run; node 1 allows 5 in
+    all, so it answers the first run (its ledger: 3) and refuses the second (6 > 5)."""
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    clients = demo_dir / "clients"
+    nodes = [
+        {"max-epsilon": 2.0, "data-path": str(tmp_path / "no-such-file.jsonl")},
+        {"max-epsilon-total": 5.0, "data-path": str(clients / "client-1.jsonl")},
+        {"data-path": str(clients / "client-0.jsonl")},
+    ]
+    for node, pid in zip(nodes, range(3), strict=True):
+        node["output-dir"] = str(tmp_path / f"site-{pid}")
+    for run in ("first", "second"):
+        cfg = _requirement_config(
+            tiny_model_dir, demo_dir, tmp_path / run, **{"quality.dp-epsilon": 1.0}
+        )
+        grid = LocalGrid(build_client_app(cfg), 3, node_configs=nodes)
+        run_server(grid, cfg, QuietStages())
+        refused = {d["node"]: d["reason"] for d in _dropped(tmp_path / run)["query.score"]}
+        expected = {grid.node_of[0]: REASON_EPSILON}
+        if run == "second":
+            expected[grid.node_of[1]] = REASON_EPSILON
+        assert refused == expected, run
+    ledger = tmp_path / "site-1" / LEDGER_FILE
+    assert [json.loads(line)["epsilon"] for line in ledger.read_text().splitlines()] == [3.0]
+    assert ledger_total(tmp_path / "site-2" / LEDGER_FILE) == 6.0  # recorded without a cap too
+    assert not (tmp_path / "site-0").exists()
+
+
+def test_a_node_refuses_a_secure_sum_over_fewer_clients_than_its_min_clients(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    from local_grid import LocalGrid, QuietStages
+
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    clients = demo_dir / "clients"
+    nodes = [
+        {"min-clients": 4, "data-path": str(tmp_path / "no-such-file.jsonl")},
+        {"min-clients": 2, "data-path": str(clients / "client-1.jsonl")},
+        {"data-path": str(clients / "client-0.jsonl")},
+    ]
+    extra = {"quality.secure-sum": True, "quality.allow-empty": True}
+    cfg = _requirement_config(tiny_model_dir, demo_dir, tmp_path / "run", **extra)
+    grid = LocalGrid(build_client_app(cfg), 3, node_configs=nodes)
+    run_server(grid, cfg, QuietStages())
+    dropped = _dropped(tmp_path / "run")
+    assert dropped == {"query.shares": [{"node": grid.node_of[0], "reason": REASON_MIN_CLIENTS}]}
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [n["partition-id"] for n in selection["nodes"]] == [1, 2]
+    assert selection["sums"]["total"] == 24  # the two others' 12 samples each
+
+
+def test_node_requirements_hold_in_flowers_simulation(tmp_path, tiny_model_dir, demo_dir):
+    """Ray: partition 0 answers no evaluate requests. Flower's simulation gives every node the
+    same node config, so a mod first adds partition 0's own requirement to its config."""
+    cfg = Config.from_flat(
+        {
+            "model.name": str(tiny_model_dir),
+            "model.max-length": 64,
+            "data.clients-dir": str(demo_dir / "clients"),
+            "quality.scorer": "ppl",
+            "quality.rule": "fixed:1e9",
+            "quality.shots": 0,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "federation.fraction-evaluate": 1.0,
+            "federation.min-nodes": 1,
+        }
+    )
+    cfg = prepare(cfg, new_run_dir(str(tmp_path / "run"), force=False))
+    run_simulation(cfg, cfg.data.num_clients, client_mods=[_site_requirements])
+    participation = json.loads((Path(cfg.output.run_dir) / "participation.json").read_text())
+    selection = json.loads((Path(cfg.output.run_dir) / "selection.json").read_text())
+    node_of = {c["partition-id"]: c["node"] for c in selection["clients"]}
+    evaluate = [e for e in participation if e["phase"] == "evaluate"]
+    assert evaluate and all(
+        e["dropped"] == [{"node": node_of[0], "reason": REASON_NO_EVALUATE}] for e in evaluate
+    )
+    assert all(e["answered"] == [node_of[1]] for e in evaluate)
+    assert not [e for e in participation if e["phase"] != "evaluate" and e["dropped"]]
+
+
+def _site_requirements(msg: Message, context: Context, call_next) -> Message:
+    """What ``--node-config answer-evaluate=false`` sets on partition 0's SuperNode."""
+    if int(context.node_config["partition-id"]) == 0:
+        context.node_config["answer-evaluate"] = False
+    return call_next(msg, context)

@@ -1,4 +1,7 @@
-"""quality.secure-sum: the server learns only the sums of the phase-1 counts and histogram.
+"""quality.secure-sum: phase 1's counts and histogram reach the server only as sums over clients.
+
+Phase 2 is not covered: each train reply still carries the client's kept count and adapter, and
+the run says so (threshold.json's server_learns, the summary).
 
 The protocol on its own (fedqc.federation.secure_sum), then phase 1 in-process (LocalGrid, no Ray,
 train.rounds = 0) against a plaintext run: the same sums, τ and per-sample decisions, and the exact
@@ -21,7 +24,7 @@ from fedqc.config import Config
 from fedqc.data.demo import write_demo
 from fedqc.errors import FedqcError
 from fedqc.federation.client_app import RELEASED_KEY, build_client_app
-from fedqc.federation.privacy import AuditLog
+from fedqc.federation.privacy import AuditLog, noisy_histogram
 from fedqc.federation.protocol import COUNTS, HISTOGRAM_BINS, MASKED_KEY
 from fedqc.federation.secure_sum import (
     MODULUS,
@@ -30,10 +33,11 @@ from fedqc.federation.secure_sum import (
     client_mask,
     client_shares,
     client_unmask,
+    prg,
     threshold_for,
     unmask_sum,
 )
-from fedqc.federation.server_app import _check_same_selection, run_server
+from fedqc.federation.server_app import _check_same_selection, _resumed_clients, run_server
 from fedqc.federation.simulation import run_simulation
 from fedqc.federation.strategy import ParticipationGrid, QualityFedAvg
 from fedqc.pipeline import new_run_dir, prepare, summarize, summary_notes
@@ -66,19 +70,81 @@ def _sum(n: int, vectors: dict[int, list[int]], senders: list[int] | None = None
     return unmask_sum(len(next(iter(vectors.values()))), pk1s, masked, dead, held)
 
 
-def test_the_masked_vectors_add_up_to_the_exact_sum():
+def test_the_masked_vectors_add_up_to_the_exact_signed_sum():
     rng = np.random.default_rng(0)
-    vectors = {i: rng.integers(0, 10_000, 67).tolist() for i in range(4)}
-    vectors[3][0] = MODULUS - 1  # the ring wraps exactly
+    vectors = {i: rng.integers(-50, 10_000, 67).tolist() for i in range(4)}
+    vectors[3][0] = -(2**31)  # the ring's lowest value: two's complement, exactly
+    vectors[2][0] = vectors[1][0] = vectors[0][0] = 0
     total = _sum(4, vectors)
-    assert total.tolist() == (np.array(list(vectors.values())).sum(0) % MODULUS).tolist()
+    assert total.tolist() == np.array(list(vectors.values())).sum(0).tolist()
+    assert total.min() < 0  # signed: DP noise may make a sum negative, and it stays so
 
 
-def test_a_masked_vector_alone_says_nothing_of_its_counts():
-    states, pk1s, ciphertexts = _session(3)
-    zeros = client_mask(states[0], [ciphertexts[j][0] for j in range(3)], [0] * 5)
-    assert zeros != [0] * 5 and all(0 <= v < MODULUS for v in zeros)
-    assert len(set(zeros)) == 5  # uniform-looking mod 2^32, not the zeros it hides
+def _mask_three(vectors: list[list[int]]) -> tuple[list[dict], list[list[int]]]:
+    """Three clients mask ``vectors`` in one session: (their states, their masked vectors)."""
+    states, _, ciphertexts = _session(3)
+    masked = [
+        client_mask(states[i], [ciphertexts[j][i] for j in range(3)], v)
+        for i, v in enumerate(vectors)
+    ]
+    return states, masked
+
+
+def test_a_masked_vector_alone_is_not_its_counts_and_is_uncorrelated_with_them():
+    counts = [[12, 9, 3, 0, 1], [7, 7, 0, 0, 0], [30, 2, 20, 8, 5]]
+    states, masked = _mask_three(counts)
+    # the unmasked sum is the plain sum
+    answers = [client_unmask(states[i], [0, 1, 2], []) for i in range(3)]
+    held = {s: [a[s] for a in answers] for s in range(3)}
+    assert _unmask(masked, states, held).tolist() == np.sum(counts, axis=0).tolist()
+    for i in range(3):
+        # every coordinate differs from the plaintext (chance of one equal: 2^-32)
+        assert all(m != c for m, c in zip(masked[i], counts[i], strict=True))
+        # the server rebuilds each active client's seed; its seed mask alone leaves the pairwise
+        # masks of the others in place: decoding one vector alone does not give its counts
+        alone = np.array(masked[i], dtype=np.uint64) + MODULUS - prg(states[i]["seed"], 5)
+        assert (alone % MODULUS).tolist() != counts[i]
+        assert all(a != c for a, c in zip((alone % MODULUS).tolist(), counts[i], strict=True))
+    # over many sessions, the masked value of one count is uniform mod 2^32 and uncorrelated
+    # with the count it hides (counts 0..99 against their masked values)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 100, 60)
+    y = np.array([_mask_three([[int(v)] * 5, [0] * 5, [0] * 5])[1][0][0] for v in x], float)
+    assert abs(np.corrcoef(x, y)[0, 1]) < 0.45  # |r| of independent draws: sd 1/sqrt(60)
+    assert abs(y.mean() / MODULUS - 0.5) < 0.1 and y.std() / MODULUS > 0.2  # uniform: 0.29
+
+
+def _unmask(masked, states, held) -> np.ndarray:
+    pk1s = [s["pk1"] for s in states]
+    return unmask_sum(5, pk1s, dict(enumerate(masked)), [], held)
+
+
+def test_signed_dp_noise_in_the_ring_leaves_the_sum_of_empty_bins_unbiased():
+    """Three clients with 64 empty bins, Laplace(1/ε = 1) noise each, over 12 sessions: the
+    summed bins average 0. Noise clipped at 0 on each client (the old bug) averages about
+    +0.9 per summed bin here (3 × 0.30)."""
+    rng = np.random.default_rng(2)
+    sums = []
+    for _ in range(12):
+        noisy = [noisy_histogram([0] * HISTOGRAM_BINS, 1.0, rng, signed=True) for _ in range(3)]
+        states, _, ciphertexts = _session(3)
+        masked = {
+            i: client_mask(states[i], [ciphertexts[j][i] for j in range(3)], noisy[i])
+            for i in range(3)
+        }
+        held = {s: [] for s in range(3)}
+        for i in range(3):
+            for s, share in enumerate(client_unmask(states[i], [0, 1, 2], [])):
+                held[s].append(share)
+        pk1s = [st["pk1"] for st in states]
+        total = unmask_sum(HISTOGRAM_BINS, pk1s, masked, [], held)
+        assert total.tolist() == np.sum(noisy, axis=0).tolist()
+        sums.append(total)
+    sums = np.concatenate(sums)
+    assert (sums < 0).any()  # negative sums survive the ring
+    assert abs(sums.mean()) < 0.35  # 3.5 standard errors (sd of a summed bin ≈ 2.5, 768 bins)
+    clipped = [noisy_histogram([0] * HISTOGRAM_BINS, 1.0, rng) for _ in range(60)]
+    assert np.mean(clipped) * 3 > 0.6  # what the clipped noise would have added
 
 
 def test_a_client_that_drops_after_sharing_keys_is_unmasked_out():
@@ -123,8 +189,8 @@ def test_a_client_refuses_keys_it_did_not_send_and_values_outside_the_ring():
         client_shares(state, 0, pk1s, pk2s),
         client_shares(dict(states[1]), 1, pk1s, pk2s),
     ]
-    with pytest.raises(SecureSumError, match=r"\[0, 2\^32\)"):
-        client_mask(state, [b"", ciphertexts[1][0]], [-1, 0, 0, 0, 0])
+    with pytest.raises(SecureSumError, match=r"\[-2\^31, 2\^31\)"):
+        client_mask(state, [b"", ciphertexts[1][0]], [-(2**31) - 1, 0, 0, 0, 0])
 
 
 # --- phase 1 in-process: secure against plaintext --------------------------------------------
@@ -148,7 +214,25 @@ def three_clients(tmp_path_factory) -> Path:
 def _run(
     tiny_model_dir, demo: Path, run_dir: Path, secure: bool, dies=None, rounds: int = 0
 ) -> dict:
-    cfg = Config.from_flat(
+    cfg = _config(tiny_model_dir, demo, run_dir, secure, rounds)
+    run_server(LocalGrid(build_client_app(cfg), 3, dies=dies), cfg, QuietStages())
+    local = {pid: run_dir / "clients" / f"client-{pid}" for pid in range(3)}
+    return {
+        "cfg": cfg,
+        "selection": json.loads((run_dir / "selection.json").read_text()),
+        "threshold": json.loads((run_dir / "threshold.json").read_text()),
+        "keep": {
+            pid: [
+                json.loads(line)["keep"] for line in (d / "scores.jsonl").read_text().splitlines()
+            ]
+            for pid, d in local.items()
+            if (d / "scores.jsonl").is_file()
+        },
+    }
+
+
+def _config(tiny_model_dir, demo: Path, run_dir: Path, secure: bool, rounds: int = 0) -> Config:
+    return Config.from_flat(
         {
             "model.name": str(tiny_model_dir),
             "model.max-length": 48,
@@ -167,20 +251,6 @@ def _run(
             "output.run-dir": str(run_dir),
         }
     )
-    run_server(LocalGrid(build_client_app(cfg), 3, dies=dies), cfg, QuietStages())
-    local = {pid: run_dir / "clients" / f"client-{pid}" for pid in range(3)}
-    return {
-        "cfg": cfg,
-        "selection": json.loads((run_dir / "selection.json").read_text()),
-        "threshold": json.loads((run_dir / "threshold.json").read_text()),
-        "keep": {
-            pid: [
-                json.loads(line)["keep"] for line in (d / "scores.jsonl").read_text().splitlines()
-            ]
-            for pid, d in local.items()
-            if (d / "scores.jsonl").is_file()
-        },
-    }
 
 
 def test_a_secure_sum_run_gives_the_plaintext_sums_tau_and_decisions(
@@ -214,9 +284,16 @@ def test_a_secure_sum_run_gives_the_plaintext_sums_tau_and_decisions(
     assert len(train) == 1 and len(train[0]["answered"]) == 3
     with console.capture() as printed:
         _print_summary(summary, secure["cfg"])
-    assert "secure sum the server learned only the 'all' row; the rows per client below" in (
-        printed.get()
-    )
+    text = " ".join(printed.get().split())
+    assert "phase 1 reached the server only as the 'all' row; phase 2 still gave it each " in text
+    assert "training client's kept count and adapter; the rows per client below" in text
+    assert "learned only" not in text
+    # what the run states the server learned, per client, in these settings
+    learns = secure["threshold"]["server_learns"]
+    assert learns[0].startswith("phase 1: only the sums over clients of the counts and histogram")
+    assert "kept count as num-examples (not covered by the secure sum)" in learns[1]
+    assert all(" ".join(line.split()) in text for line in learns)
+    assert plain["threshold"]["server_learns"][0].startswith("phase 1, per client: its counts")
 
 
 def test_without_local_files_the_summary_says_per_client_rows_are_unavailable(tmp_path):
@@ -238,9 +315,10 @@ def test_without_local_files_the_summary_says_per_client_rows_are_unavailable(tm
     summary = summarize(cfg)
     assert summary["clients"] == [] and summary["totals"] == sums
     notes = summary_notes(summary)
-    assert (
-        "secure sum: the server learned only the sums over clients; per-client rows are "
-        in (notes[0])
+    assert notes[0].startswith(
+        "secure sum: phase 1's counts reached the server only as sums over clients, but phase 2 "
+        "replies still carried each training client's kept count (num-examples) and adapter; "
+        "per-client rows are "
     )
     assert "2 samples were longer than model.max-length and were truncated" in notes
     with console.capture() as printed:
@@ -307,9 +385,13 @@ def test_secure_sum_needs_two_nodes(tiny_model_dir, demo_dir, tmp_path):
 
 
 def test_under_dp_the_secure_sum_adds_the_noisy_counts_each_client_released(
-    tiny_model_dir, three_clients, tmp_path
+    tiny_model_dir, three_clients, tmp_path, monkeypatch
 ):
-    """Noisy counts are rounded and clipped at 0 on the client, so integers: masked as they are."""
+    """Noisy counts are rounded on the client and stay signed (not clipped at 0) in the ring: the
+    sums are those of the signed released values, negative ones included (seeded noise)."""
+    real = np.random.default_rng
+    draws = iter(range(100, 200))
+    monkeypatch.setattr(np.random, "default_rng", lambda seed=None: real(next(draws)))
     cfg = Config.from_flat(
         {
             "model.name": str(tiny_model_dir),
@@ -332,6 +414,7 @@ def test_under_dp_the_secure_sum_adds_the_noisy_counts_each_client_released(
     released = [dict(c.state[RELEASED_KEY]) for c in grid.contexts.values()]
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["sums"] == {k: sum(r[k] for r in released) for k in COUNTS}
+    assert min(v for r in released for v in r.values()) < 0  # a negative release, summed as is
     threshold = json.loads((tmp_path / "run" / "threshold.json").read_text())
     assert threshold["privacy_budget"]["epsilon_total"] == 3 * 0.5  # the sum is post-processing
 
@@ -397,13 +480,37 @@ def test_a_resumed_secure_sum_run_checks_the_summed_counts_of_the_same_clients()
     _check_same_selection(saved, {"clients": None, "sums": dict(sums), "nodes": nodes})
     with pytest.raises(FedqcError, match="now keeps 17 of 24 samples, but kept 18 of 24"):
         _check_same_selection(saved, {"clients": None, "sums": sums | {"kept": 17}, "nodes": nodes})
-    # one client is missing now: its counts are not in the sum, so the sums cannot be compared
-    _check_same_selection(
-        saved, {"clients": None, "sums": {"total": 12, "kept": 9}, "nodes": nodes[:1]}
-    )
-    # a checkpoint of a plaintext run holds the per-client list
-    plain = [{"partition-id": 0, "total": 12, "kept": 9}]
-    _check_same_selection(plain, {"clients": None, "sums": sums, "nodes": nodes})
+    # one client is missing now: the two sums would subtract to its counts
+    with pytest.raises(FedqcError, match=r"summed clients \[0, 1\], now \[0\]"):
+        _check_same_selection(
+            saved, {"clients": None, "sums": {"total": 12, "kept": 9}, "nodes": nodes[:1]}
+        )
+    # the resumed run's sums must add exactly the saved clients, before anything is unmasked
+    cfg = Config.from_flat({"quality.secure-sum": True})
+    assert _resumed_clients(cfg, ({"selection": saved}, None)) == {0, 1}
+    assert _resumed_clients(cfg.replace(**{"quality.secure-sum": False}), ({}, None)) is None
+
+
+def test_a_second_secure_sum_over_other_clients_stops_before_unmasking(
+    tiny_model_dir, three_clients, tmp_path
+):
+    """Rule mixture: node 1 dies at query.select, after the first sum added it. A second sum over
+    nodes 0 and 2 minus the first would be node 1's histogram-free counts: refused, and no
+    query.unmask of the second session is sent."""
+    grid = {}
+
+    def run():
+        cfg = _config(tiny_model_dir, three_clients, tmp_path / "run", secure=True)
+        grid["g"] = LocalGrid(build_client_app(cfg), 3, dies={1: ("query.select", 0)})
+        run_server(grid["g"], cfg, QuietStages())
+
+    with pytest.raises(
+        FedqcError, match=r"answered by partitions \[0, 2\], not exactly \[0, 1, 2\]"
+    ):
+        run()
+    kinds = [kind for _, kind, _ in grid["g"].delivered]
+    assert kinds.count("query.unmask") == 3  # the first session's only
+    assert kinds.count("query.select") == 2
 
 
 def test_a_checkpoint_scorer_sums_securely_too(tiny_model_dir, demo_dir, tmp_path):

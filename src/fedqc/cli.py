@@ -129,7 +129,12 @@ def _print_summary(summary: dict, cfg: Config) -> None:
             if summary["clients"]
             else "per-client rows unavailable"
         )
-        console.print(f"[bold]secure sum[/] the server learned only the 'all' row; {where}")
+        console.print(
+            f"[bold]secure sum[/] phase 1 reached the server only as the 'all' row; phase 2 "
+            f"still gave it each training client's kept count and adapter; {where}"
+        )
+    for line in (summary.get("threshold") or {}).get("server_learns") or []:
+        console.print(f"[bold]server learned[/] {line}")
     table = Table(title="Selection per client (clean = positive)")
     for col in ("client", "total", "kept", "rejected", "precision", "recall", "F1"):
         table.add_column(col, justify="right")

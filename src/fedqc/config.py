@@ -63,8 +63,9 @@ class QualityConfig:
     backward_batch_tokens: int = 1024
     allow_empty: bool = False  # go on (without training) when τ drops every sample
     dp_epsilon: float = 0.0  # > 0: Laplace(1/ε) noise on every count a client reports
-    # The server learns only the sums over clients of the phase-1 counts and histogram (pairwise
-    # masking as in SecAgg+, fedqc.federation.secure_sum; docs/privacy.md).
+    # Phase 1's counts and histogram reach the server only as sums over clients (SecAgg on the
+    # complete graph, cost n², fedqc.federation.secure_sum). Phase 2 and warm-up replies still
+    # carry each client's kept count / total and adapter: docs/privacy.md, "What the server learns".
     secure_sum: bool = False
     warmup_rounds: int = 2  # checkpoint scorers (tracin, clues, ...): federated warm-up rounds
     # Forward scorers: the first `shots` anchors that fit whole in model.max-length are shown in

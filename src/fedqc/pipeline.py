@@ -222,7 +222,9 @@ def summary_notes(summary: dict) -> list[str]:
     clients, totals = summary["clients"], summary["totals"]
     if summary.get("secure_sum"):
         notes.append(
-            "secure sum: the server learned only the sums over clients; "
+            "secure sum: phase 1's counts reached the server only as sums over clients, but "
+            "phase 2 replies still carried each training client's kept count (num-examples) "
+            "and adapter; "
             + (
                 "the per-client rows come from the clients' own files on this machine"
                 if clients

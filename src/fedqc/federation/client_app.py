@@ -29,12 +29,15 @@ from fedqc.data.encoding import encode_all
 from fedqc.data.samples import Sample, load_samples
 from fedqc.data.sources import client_source
 from fedqc.federation.privacy import (
+    SECURE_STATE_KEY,
     AdapterSpec,
     OutgoingGuard,
+    Requirements,
     adapter_spec,
     check_edges,
     noisy_count,
     noisy_histogram,
+    note_samples,
 )
 from fedqc.federation.protocol import (
     ARRAYS_RECORD,
@@ -82,14 +85,15 @@ log = logging.getLogger(__name__)
 STATE_KEY = "fedqc-selection"  # the keep decisions (phase 2 trains on them)
 SCORES_KEY = "fedqc-scores"  # this node's scores from query.score (query.select applies τ)
 RELEASED_KEY = "fedqc-released"  # counts already sent, as sent (noisy under DP)
-SECURE_STATE_KEY = "fedqc-secure-sum"  # quality.secure-sum: this session's secrets and shares
 
 
 def build_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp using ``cfg``, or (when None) the run config that Flower passes.
 
-    Every reply passes the privacy guard, which checks arrays against this node's own adapter;
-    extra ``mods`` run outside it (they see what leaves).
+    Every request first meets this node's requirements (its node config: ``Requirements``),
+    and every reply passes the privacy guard, which checks it against the request and this
+    node's own adapter, sample count and partition id; extra ``mods`` run outside it (they see
+    what leaves).
     """
 
     def config_of(context: Context) -> Config:
@@ -98,7 +102,13 @@ def build_client_app(cfg: Config | None = None, mods: list | None = None) -> Cli
     def own_adapter(context: Context) -> AdapterSpec:
         return adapter_spec(load(config_of(context).model).initial_adapter)
 
-    app = ClientApp(mods=[*(mods or []), OutgoingGuard(own_adapter)])
+    def out_dir(context: Context) -> Path:
+        return node_paths(context, config_of(context))[1]
+
+    # The guard wraps the node's requirements, so a refusal leaves with its fixed reason.
+    app = ClientApp(
+        mods=[*(mods or []), OutgoingGuard(own_adapter), Requirements(config_of, out_dir)]
+    )
 
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
@@ -203,6 +213,7 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
     cfg = cfg.replace(**{"model.max-length": qc.max_length})
     data_path, out_dir, pid = node_paths(context, cfg)
     samples = load_samples(data_path)
+    note_samples(context, len(samples), cfg.quality.dp_epsilon)
     loaded = _scoring_model(cfg, msg.content[ARRAYS_RECORD])
     name, batch_tokens = qc.scorer, qc.batch_tokens
     start = time.perf_counter()
@@ -232,9 +243,10 @@ def handle_score(msg: Message, context: Context, cfg: Config) -> RecordDict:
             **loaded.placement.describe(),
         }
     )
+    signed = MaskRequest.RECORD in msg.content  # under a secure sum, the noise stays signed
     if edges is not None:
-        return _histogram_reply(context, cfg, edges)
-    return _select(context, cfg, qc.tau, qc.drop_fraction, samples)
+        return _histogram_reply(context, cfg, edges, signed)
+    return _select(context, cfg, qc.tau, qc.drop_fraction, signed, samples)
 
 
 def _forward_scores(
@@ -259,7 +271,8 @@ def _forward_scores(
 
 def handle_select(msg: Message, context: Context, cfg: Config) -> RecordDict:
     """The mixture rule's second message: apply the fitted τ to the scores kept from query.score."""
-    return _select(context, cfg, SelectConfig.from_record(msg.content[CONFIG_RECORD]).tau, None)
+    tau = SelectConfig.from_record(msg.content[CONFIG_RECORD]).tau
+    return _select(context, cfg, tau, None, MaskRequest.RECORD in msg.content)
 
 
 def _cached_scores(context: Context) -> tuple[ConfigRecord, np.ndarray, np.ndarray]:
@@ -275,18 +288,22 @@ def _score_seconds(cache: ConfigRecord, epsilon: float) -> float | None:
     return None if epsilon > 0 else float(cache["seconds"])
 
 
-def _histogram_reply(context: Context, cfg: Config, edges: np.ndarray) -> RecordDict:
-    """Counts of this node's scores per bin (Laplace noise per bin under DP), and its totals."""
+def _histogram_reply(
+    context: Context, cfg: Config, edges: np.ndarray, signed: bool = False
+) -> RecordDict:
+    """Counts of this node's scores per bin (Laplace noise per bin under DP: signed under a
+    secure sum, which masks them, else clipped at 0), and its totals."""
     cache, oriented, _ = _cached_scores(context)
     epsilon = cfg.quality.dp_epsilon
     counts = histogram(oriented, edges)
     if epsilon > 0:
-        hist = noisy_histogram(counts, epsilon, np.random.default_rng())
+        hist = noisy_histogram(counts, epsilon, np.random.default_rng(), signed=signed)
     else:
         hist = [int(c) for c in counts]
     released = _release(
         context,
         epsilon,
+        signed,
         {
             "total": len(oriented),
             "rejected_non_finite": int((~np.isfinite(oriented)).sum()),
@@ -307,6 +324,7 @@ def _select(
     cfg: Config,
     tau: float | None,
     drop: float | None,
+    signed: bool = False,
     samples: list[Sample] | None = None,
 ) -> RecordDict:
     """Keep the cached scores that pass τ (or all but the lowest ``drop`` fraction); counts."""
@@ -327,7 +345,7 @@ def _select(
         out_dir, samples, raw, selection.keep, str(cache["scorer"]), tau, local_counts, placement
     )
     epsilon = cfg.quality.dp_epsilon
-    counts = _release(context, epsilon, true_counts)
+    counts = _release(context, epsilon, signed, true_counts)
     # Training reports the same (possibly noisy) kept count: repeating a released value is free.
     context.state[STATE_KEY] = ConfigRecord(
         {
@@ -335,7 +353,7 @@ def _select(
             "n": len(samples),
             "data": str(cache["data"]),
             "out": str(out_dir),
-            "reported-kept": counts["kept"],
+            "reported-kept": max(0, counts["kept"]),  # FedAvg's weight: clipped at 0
         }
     )
     reply = CountsReply(
@@ -346,20 +364,33 @@ def _select(
     return RecordDict({reply.RECORD: reply.to_record()})
 
 
-def _release(context: Context, epsilon: float, counts: dict[str, int]) -> dict[str, int]:
+def _release(
+    context: Context, epsilon: float, signed: bool, counts: dict[str, int]
+) -> dict[str, int]:
     """The counts as the server gets them: with ε > 0 each with its own Laplace(1/ε) noise, from
     the OS's entropy, drawn once per run; a count sent again (the total in the warm-up and the
     query rounds, the mixture rule's two replies) repeats the released value, which is free.
+
+    The noisy values are kept signed. ``signed`` (a secure sum, whose ring carries them) returns
+    them so: the sum over clients is then unbiased. Otherwise each is clipped to [0, the released
+    total] (post-processing: no privacy cost), so the guard's kept ≤ total holds under DP too.
     ``counts`` are named by the reply's fields; the released values are kept under their keys."""
     if epsilon <= 0:
         return {k: int(v) for k, v in counts.items()}
-    released = context.state[RELEASED_KEY] if RELEASED_KEY in context.state else ConfigRecord()
+    released = context.state.get(RELEASED_KEY, ConfigRecord())
     rng = np.random.default_rng()
     for name, value in counts.items():
         if wire_key(name) not in released:
-            released[wire_key(name)] = noisy_count(int(value), epsilon, rng)
+            released[wire_key(name)] = noisy_count(int(value), epsilon, rng, signed=True)
     context.state[RELEASED_KEY] = released
-    return {k: int(released[wire_key(k)]) for k in counts}
+    values = {k: int(released[wire_key(k)]) for k in counts}
+    if signed:
+        return values
+    total = max(0, int(released["total"])) if "total" in released else None
+    return {
+        k: max(0, v) if total is None or k == "total" else min(max(0, v), total)
+        for k, v in values.items()
+    }
 
 
 def _kept_mask(context: Context) -> np.ndarray:
@@ -395,7 +426,8 @@ def handle_train(msg: Message, context: Context, cfg: Config) -> RecordDict:
     if warmup:
         data_path, out_dir, _ = node_paths(context, cfg)
         samples = load_samples(data_path)
-        weight = _release(context, cfg.quality.dp_epsilon, {"total": len(samples)})["total"]
+        note_samples(context, len(samples), cfg.quality.dp_epsilon)
+        weight = _release(context, cfg.quality.dp_epsilon, False, {"total": len(samples)})["total"]
         seed = warmup_seed(tc.seed, absolute_round, pid)
     else:
         samples = _kept_samples(context)

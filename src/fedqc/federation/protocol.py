@@ -372,7 +372,19 @@ REASON_INPUT = "FedqcError on the node (details in the node's log)"  # its data 
 REASON_GUARD = "PrivacyViolation on the node (details in the node's log)"  # a reply stopped
 REASON_EDGES = "bin edges refused by the node (details in the node's log)"  # mixture's edges
 REASON_FAILED = "Exception on the node (details in the node's log)"  # anything else
-ERROR_REASONS = (REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED)
+# A request that does not meet the node's own requirements (its node config), refused before the
+# node reads its data (fedqc.federation.privacy.NodeRequirements).
+REASON_NEEDS_SECURE_SUM = "refused: this node answers phase 1 only under a secure sum"
+REASON_EPSILON = "refused: the run's epsilon exceeds this node's max-epsilon or its ledger's total"
+REASON_MIN_CLIENTS = "refused: a sum over fewer clients than this node's min-clients"
+REASON_NO_EVALUATE = "refused: this node does not answer evaluate requests"
+REQUIREMENT_REASONS = (
+    REASON_NEEDS_SECURE_SUM,
+    REASON_EPSILON,
+    REASON_MIN_CLIENTS,
+    REASON_NO_EVALUATE,
+)
+ERROR_REASONS = (REASON_INPUT, REASON_GUARD, REASON_EDGES, REASON_FAILED, *REQUIREMENT_REASONS)
 
 # The mixture rule's bin edges, as a client accepts them: HISTOGRAM_BINS + 1 finite, strictly
 # increasing numbers, and no bin narrower than this share of the edges' span (the server's own

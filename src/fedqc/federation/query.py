@@ -12,8 +12,10 @@ that answered: they apply it to their kept scores and reply counts. The fit come
 :class:`Phase1` for the server to record (threshold.json); nothing here reads or writes files.
 
 ``quality.secure-sum``: each reply vector (the counts, or the histogram with the counts that do not
-depend on τ) is summed by a secure sum (:mod:`fedqc.federation.secure_sum`), so the server gets
-the sums only; the mixture fit needs no more than the summed histogram.
+depend on τ) is summed by a secure sum (:mod:`fedqc.federation.secure_sum`), so from phase 1 the
+server gets the sums only; the mixture fit needs no more than the summed histogram. Every sum of a
+run adds exactly the same clients (the mixture rule's second sum those of the first, a resumed run
+those of the run it resumes), or the run stops before unmasking.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class _Exchange:
     query: QueryConfig
     content: Callable[[int], RecordDict]
     fit: Fit
+    require: set[int] | None = None
 
 
 def query_round(
@@ -87,8 +90,12 @@ def query_round(
     records: dict[str, ArrayRecord],
     scorer,
     anchor_oriented: np.ndarray | None,
+    require: set[int] | None = None,
 ) -> Phase1:
-    """Phase 1 with the clients: τ, and the counts per client, or only their sums."""
+    """Phase 1 with the clients: τ, and the counts per client, or only their sums.
+
+    ``require`` (a resumed secure-sum run): the partition ids every secure sum must add, exactly.
+    """
     need = cfg.federation.min_nodes
     grid.min_answers = {QUERY_SCORE: need, QUERY_SELECT: need}
     if query.edges is not None and anchor_oriented is None:
@@ -102,7 +109,7 @@ def query_round(
         return fit_threshold(edges, histogram, used, scorer, anchor_oriented)
 
     run = _secure_query_round if cfg.quality.secure_sum else _plain_query_round
-    return run(_Exchange(grid, nodes, cfg, query, content, fit))
+    return run(_Exchange(grid, nodes, cfg, query, content, fit, require))
 
 
 def _select_content(tau: float) -> Callable[[int], RecordDict]:
@@ -173,14 +180,16 @@ def _secure_query_round(x: _Exchange) -> Phase1:
     need, timeout = cfg.federation.min_nodes, cfg.federation.timeout
     if query.edges is None:
         total, answered, dropped = run_session(
-            grid, nodes, QUERY_SCORE, content, len(COUNTS_VECTOR), timeout, need
+            grid, nodes, QUERY_SCORE, content, len(COUNTS_VECTOR), timeout, need, x.require
         )
         sums = dict(zip(COUNTS_VECTOR, (int(v) for v in total), strict=True))
         return Phase1(query.tau, None, sums, answered, dropped)
     total, answered, dropped = run_session(
-        grid, nodes, QUERY_SCORE, content, HISTOGRAM_VECTOR_LENGTH, timeout, need
+        grid, nodes, QUERY_SCORE, content, HISTOGRAM_VECTOR_LENGTH, timeout, need, x.require
     )
-    tau, mixture = fit(total[:HISTOGRAM_BINS].astype(np.int64), len(answered))
+    # Under DP the summed noise is signed (unbiased): a bin's sum may be below 0; the fit takes
+    # the sum clipped at 0 (post-processing).
+    tau, mixture = fit(np.maximum(total[:HISTOGRAM_BINS], 0).astype(np.int64), len(answered))
     total, answered, more = run_session(
         grid,
         sorted(answered),
@@ -189,6 +198,7 @@ def _secure_query_round(x: _Exchange) -> Phase1:
         len(COUNTS_VECTOR),
         timeout,
         need,
+        set(answered.values()),  # the second sum adds exactly the clients of the first
     )
     sums = dict(zip(COUNTS_VECTOR, (int(v) for v in total), strict=True))
     return Phase1(tau, None, sums, answered, dropped + more, mixture)

@@ -1,4 +1,7 @@
-"""Secure sum of the phase-1 counts (``quality.secure-sum``): pairwise masking as in SecAgg+.
+"""Secure sum of the phase-1 counts (``quality.secure-sum``): SecAgg on the complete graph.
+
+This is SecAgg (Bonawitz et al. 2017) with every client masking with every other (cost n² in
+keys, shares and unmasking), not SecAgg+, whose sparse random neighbour graph is not implemented.
 
 The server learns the sum over clients of an integer vector (the five counts, or the mixture rule's
 histogram with its three counts), never one client's vector, and the sum survives clients that
@@ -19,11 +22,13 @@ Message-API ServerApp, so it runs the same protocol here with Flower's primitive
   Flower's ``secaggplus_utils.pseudo_rand_gen`` folds its seed to 32 bits for numpy's Mersenne
   Twister, so a server could try every seed; ChaCha20 keeps the full 256-bit key.
 
-The protocol (Bonawitz et al. 2017, SecAgg, on the complete graph: every client masks with every
-other, which SecAgg+ reduces to a random neighbourhood for large federations). One session sums one
-vector; the mixture rule runs two sessions (histogram, then counts) with fresh keys, because
-unmasking one vector reveals secrets that must not serve another. Each client has a slot 0..n-1
-(the server orders the nodes that sent keys); every message names clients by slot.
+The protocol (SecAgg on the complete graph: every client masks with every other; SecAgg+ would
+reduce that to a random neighbourhood for large federations, and is not what runs here). One
+session sums one vector; the mixture rule runs two sessions (histogram, then counts) with fresh
+keys, because unmasking one vector reveals secrets that must not serve another; both sessions must
+unmask exactly the same clients (``require``), else one sum minus the other is a client's vector.
+Each client has a slot 0..n-1 (the server orders the nodes that sent keys); every message names
+clients by slot.
 
 1. ``query.keys``: each client makes two key pairs and sends the public keys (pk1 for masks, pk2
    for the shares' encryption).
@@ -90,6 +95,7 @@ from fedqc.federation.protocol import (
 )
 
 MODULUS = 1 << MASK_BITS
+HALF = MODULUS >> 1  # the ring holds signed values in [-HALF, HALF)
 SEED_BYTES = 32
 _NONCE = bytes(16)  # ChaCha20's counter and nonce: every key masks exactly one vector
 
@@ -116,7 +122,8 @@ def pair_key(secret_key: bytes, public_key: bytes) -> bytes:
     return base64.urlsafe_b64decode(shared)
 
 
-def _fernet_key(secret_key: bytes, public_key: bytes) -> bytes:
+def fernet_key(secret_key: bytes, public_key: bytes) -> bytes:
+    """The Fernet key two slots share for the encrypted shares (ECDH + HKDF)."""
     return generate_shared_key(bytes_to_private_key(secret_key), bytes_to_public_key(public_key))
 
 
@@ -128,7 +135,7 @@ def _sizes() -> tuple[int, int, int, int]:
     seed_share = create_shares(bytes(SEED_BYTES), 2, 2)[0]
     sk_share = create_shares(sk_bytes, 2, 2)[0]
     plain = share_keys_plaintext_concat(0, 1, seed_share, sk_share)
-    token = encrypt(_fernet_key(sk_bytes, public_key_to_bytes(pk)), plain)
+    token = encrypt(fernet_key(sk_bytes, public_key_to_bytes(pk)), plain)
     return len(public_key_to_bytes(pk)), len(seed_share), len(sk_share), len(token)
 
 
@@ -188,7 +195,7 @@ def client_shares(state: dict, slot: int, pk1s: Sequence[bytes], pk2s: Sequence[
             ciphertexts.append(b"")
             continue
         plain = share_keys_plaintext_concat(slot, j, seed_shares[j], sk_shares[j])
-        ciphertexts.append(encrypt(_fernet_key(state["sk2"], pk2s[j]), plain))
+        ciphertexts.append(encrypt(fernet_key(state["sk2"], pk2s[j]), plain))
     seed_held, sk_held = [b""] * n, [b""] * n
     seed_held[slot], sk_held[slot] = seed_shares[slot], sk_shares[slot]
     state |= {
@@ -205,21 +212,23 @@ def client_shares(state: dict, slot: int, pk1s: Sequence[bytes], pk2s: Sequence[
 
 def client_mask(state: dict, ciphertexts: Sequence[bytes], vector: Sequence[int]) -> list[int]:
     """Step 3: store the shares the other slots sent (``ciphertexts[j]``, b"" where slot j sent
-    none) and mask ``vector`` (non-negative integers below 2^32). Updates ``state``."""
+    none) and mask ``vector``: signed integers in [-2^31, 2^31) (DP noise on a count may make it
+    negative), as two's complement mod 2^32. Updates ``state``."""
     if state.get("step") != 2:
         raise SecureSumError("a masked reply before query.shares")
     slot, n = int(state["slot"]), len(state["pk1s"])
     if len(ciphertexts) != n:
         raise SecureSumError(f"{len(ciphertexts)} ciphertexts for {n} slots")
     values = np.asarray([int(v) for v in vector], dtype=np.int64)
-    if (values < 0).any() or (values >= MODULUS).any():
-        raise SecureSumError(f"a secure sum adds integers in [0, 2^{MASK_BITS})")
+    if (values < -HALF).any() or (values >= HALF).any():
+        raise SecureSumError("a secure sum adds integers in [-2^31, 2^31)")
+    values = values % MODULUS
     seed_held, sk_held = list(state["seed-shares"]), list(state["sk-shares"])
     neighbours = []
     for j, token in enumerate(ciphertexts):
         if j == slot or not token:
             continue
-        plain = decrypt(_fernet_key(state["sk2"], state["pk2s"][j]), token)
+        plain = decrypt(fernet_key(state["sk2"], state["pk2s"][j]), token)
         src, dst, seed_share, sk_share = share_keys_plaintext_separate(plain)
         if (src, dst) != (j, slot):
             raise SecureSumError(f"slot {j} sent shares made for slot {dst} by slot {src}")
@@ -266,7 +275,8 @@ def unmask_sum(
     dead: Sequence[int],
     shares: Mapping[int, Sequence[bytes]],
 ) -> np.ndarray:
-    """The exact sum (mod 2^32, as int64) of the active slots' vectors.
+    """The exact sum of the active slots' vectors, as signed int64 (two's complement mod 2^32:
+    exact while every partial sum stays in [-2^31, 2^31)).
 
     ``masked`` maps each active slot to its masked vector; ``dead`` are the slots that shared keys
     but sent no vector; ``shares`` maps each active and dead slot to the shares the answering
@@ -296,7 +306,8 @@ def unmask_sum(
             # Slot s added +mask if s > d, else −mask; remove it.
             mask = prg(pair_key(sk1, pk1s[s]), length)
             total = (total + (MODULUS - mask if s > d else mask)) % MODULUS
-    return total.astype(np.int64)
+    total = total.astype(np.int64)
+    return np.where(total >= HALF, total - MODULUS, total)
 
 
 def run_session(
@@ -307,6 +318,7 @@ def run_session(
     length: int,
     timeout: float,
     need: int,
+    require: set[int] | None = None,
 ) -> tuple[np.ndarray, dict[int, int], list[dict]]:
     """One secure sum over ``nodes`` (a ParticipationGrid): (the exact sum of the vectors of the
     clients that answered the data message ``kind``, those nodes with their partition ids, every
@@ -315,7 +327,10 @@ def run_session(
     ``content_of(node)`` is the data message's content; the session adds its ciphertexts. Fewer
     than max(2, ``need``) answers to the keys, or than ``need`` (the grid's check) or the
     threshold to a later step, stop the run (FedqcError); so does a reply that breaks the
-    protocol.
+    protocol. ``require``: the partition ids whose vectors this sum must add, exactly (the run's
+    earlier secure sum, or the run being resumed); any other set of masked vectors stops the run
+    before anything is unmasked, since the difference of two sums over different sets is the
+    vectors of the clients in one and not the other.
     """
     dropped: list[dict] = []
     first = max(2, need)
@@ -366,6 +381,14 @@ def run_session(
             raise FedqcError(f"secure sum: node {slots[i]} sent a malformed masked vector")
         masked[i], partition[slots[i]] = vector, answer.partition_id
     enough(len(masked), f"sent their masked {kind} reply")
+    if require is not None and (
+        sorted(partition.values()) != sorted(require) or len(set(partition.values())) != len(masked)
+    ):
+        raise FedqcError(
+            f"secure sum: {kind} was answered by partitions {sorted(partition.values())}, not "
+            f"exactly {sorted(require)} as the run's other secure sum: stopped before unmasking, "
+            "since one sum minus the other would give a client's counts"
+        )
     active, dead = sorted(masked), [i for i in senders if i not in masked]
     asked = {slots[i]: UnmaskRequest(active, dead) for i in active}
     answers = _exchange(grid, asked, SECURE_UNMASK, UnmaskReply, timeout, dropped)

@@ -36,7 +36,7 @@ from fedqc.federation.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from fedqc.federation.privacy import privacy_budget
+from fedqc.federation.privacy import privacy_budget, server_learns
 from fedqc.federation.protocol import ARRAYS_RECORD, QUERY_SCORE, QueryConfig
 from fedqc.federation.query import query_round
 from fedqc.federation.strategy import (
@@ -193,6 +193,7 @@ def _phase1_quality(
     if plan.threshold is not None:
         write_json(run_dir / "threshold.json", plan.threshold)
     _record_budget(run_dir, cfg, rule, checkpoints is not None, resumed)  # before they answer
+    _update_threshold(run_dir, {"server_learns": server_learns(cfg)})
     phase1 = query_round(
         grid,
         nodes,
@@ -201,6 +202,7 @@ def _phase1_quality(
         {ARRAYS_RECORD: initial, **plan.records},
         plan.scorer,
         plan.anchor_oriented,
+        _resumed_clients(cfg, resumed),
     )
     if phase1.mixture is not None:  # rule mixture: the record of the τ query.select carried
         _update_threshold(run_dir, phase1.mixture)
@@ -212,14 +214,14 @@ def _phase1_quality(
     log.info("phase 1: kept %d of %d samples", sums["kept"], sums["total"])
     if phase1.clients is None:
         log.info(
-            "phase 1: secure sum over %d clients: the server knows only the sums; each client's "
-            "counts stay on it",
+            "phase 1: secure sum over %d clients: the server has only the sums of phase 1; "
+            "phase 2 replies still carry each client's kept count and adapter",
             len(phase1.nodes),
         )
     for s in selection["clients"] or []:
         if s["sat-out"]:
             log.warning("client %s kept no samples: it sits out training", s["partition-id"])
-    if sums["kept"] == 0 and not cfg.quality.allow_empty:
+    if sums["kept"] <= 0 and not cfg.quality.allow_empty:  # a noisy secure sum may be < 0
         where = (
             "the rule" if tau is None else f"τ = {plan.scorer.raw(tau):.6g} ({plan.scorer.name})"
         )
@@ -228,6 +230,17 @@ def _phase1_quality(
             "(e.g. anchor-quantile:0.1), or allow it with --allow-empty (quality.allow-empty)"
         )
     return tau, selection
+
+
+def _resumed_clients(cfg: Config, resumed: tuple[dict, ArrayRecord] | None) -> set[int] | None:
+    """A resumed secure-sum run: the partition ids its secure sums added, which this start's
+    sums must add exactly (else the difference of the two would be one client's counts)."""
+    if resumed is None or not cfg.quality.secure_sum:
+        return None
+    saved = resumed[0]["selection"]
+    if isinstance(saved, list):  # a checkpoint written before selection.json held the nodes
+        return {int(s.get("partition-id", -1)) for s in saved}
+    return {int(n["partition-id"]) for n in saved.get("nodes", [])}
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -436,7 +449,12 @@ def _check_same_selection(saved: dict | list, now: dict) -> None:
         def pids(selection: dict) -> list[int]:
             return sorted(n["partition-id"] for n in selection.get("nodes", []))
 
-        if old is None or pids(saved) != pids(now):  # other clients answered: sums differ
+        if pids(saved) != pids(now):  # two sums over other clients subtract to a client's counts
+            raise FedqcError(
+                f"cannot resume: under quality.secure-sum the run summed clients {pids(saved)}, "
+                f"now {pids(now)}; a changed client set would reveal the difference"
+            )
+        if old is None:
             return
         if (old["total"], old["kept"]) != (new["total"], new["kept"]):
             raise FedqcError(
