@@ -96,7 +96,8 @@ def main() -> None:
             path = out / "answers" / f"{name}-round-{r}.json"
             if not path.is_file():
                 start = time.perf_counter()
-                load_adapter(loaded, None if r == 0 else out / name / "run" / "rounds" / f"round-{r}")
+                adapter = out / name / "run" / "rounds" / f"round-{r}"
+                load_adapter(loaded, None if r == 0 else adapter)
                 texts = generate(loaded, questions, a.max_new_tokens)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 metrics = answer_metrics(texts, references)
