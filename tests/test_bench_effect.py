@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from conftest import tiny_effect_settings
 
+from fedqc.bench.arms import random_keep
 from fedqc.bench.config import PROFILES, load_bench_config
 from fedqc.bench.effect import gap_recovered, goal_checks, mean_sd, paired, summarize
+from fedqc.bench.run import default_arm
 from fedqc.errors import FedqcError
 from fedqc.report.tables import fmt
 
@@ -121,6 +124,31 @@ def test_goal_checks_are_computed():
     assert "at least two training seeds" in only
 
 
+def test_default_against_random_is_seed_paired():
+    # random: the default's kept counts drawn at random; worse than dflt by 0.03 ± 0.01 in loss
+    rnd = {s: v | {"eval_loss": v["eval_loss"] + 0.02 + 0.01 * s} for s, v in RUNS["dflt"].items()}
+    lines = goal_checks(summarize(RUNS | {"random": rnd}), "dflt")
+    text = "\n".join(lines)
+    assert "on held-out loss: 1.0200 ± 0.0100 against 1.0500 ± 0.0200" in text
+    assert "(paired default − random -0.0300 ± 0.0100): beaten" in text
+    assert lines[-1].endswith("metric): not met.")  # format: equal draws, not beaten
+    better = {s: v | {"answer_format": v["answer_format"] - 0.2 - 0.01 * s} for s, v in rnd.items()}
+    lines = goal_checks(summarize(RUNS | {"random": better}), "dflt")
+    assert lines[-1].endswith("metric): met.")
+    # a random arm as good as the default is not beaten, whatever the means' noise
+    assert goal_checks(summarize(RUNS | {"random": RUNS["dflt"]}), "dflt")[-1].endswith("not met.")
+
+
+def test_random_keep_draws_the_same_counts_per_client_and_seed():
+    kept = [np.array([1, 1, 0, 0, 1, 0], bool), np.zeros(4, bool), np.ones(3, bool)]
+    a, b, c = random_keep(kept, 0), random_keep(kept, 0), random_keep(kept, 1)
+    assert [int(k.sum()) for k in a] == [3, 0, 3]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # seeded
+    draws = {tuple(random_keep(kept, s)[0]) for s in range(20)}
+    assert len(draws) > 5  # not the default's own samples, nor one fixed subset
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
 # --- a tiny effect-shaped run -----------------------------------------------------------------
 
 
@@ -133,7 +161,7 @@ def effect_run(tmp_path_factory, tiny_model_dir):
         None,
         [
             *tiny_effect_settings(tiny_model_dir),
-            "bench.train=mixed,paper",  # 4 Flower runs; the goal checks are tested above
+            "bench.train=mixed,paper,random",  # 6 Flower runs; the goal checks are tested above
             "bench.seeds=0,1",
         ],
         "effect",
@@ -146,7 +174,7 @@ def test_effect_run_trains_every_arm_once_per_seed_on_one_selection(effect_run):
     run_dir, result = effect_run
     saved = json.loads((run_dir / "training.json").read_text())
     assert saved["seeds"] == [0, 1]
-    assert set(saved["arms"]) == {"mixed", "paper"}
+    assert set(saved["arms"]) == {"mixed", "paper", "random"}
     for arm in saved["arms"].values():
         assert set(arm["seeds"]) == {"0", "1"}
         for run in arm["seeds"].values():
@@ -170,7 +198,33 @@ def test_effect_run_trains_every_arm_once_per_seed_on_one_selection(effect_run):
     assert "zero-shot" in row["note"] and row["scorer"] == "ppl"
     assert train["paper"]["trained_samples"] == row["kept"]
     generations = (run_dir / "generations.jsonl").read_text().splitlines()
-    assert len(generations) == (1 + 2 * 2) * 2  # base, 2 arms × 2 seeds; 2 questions each
+    assert len(generations) == (1 + 3 * 2) * 2  # base, 3 arms × 2 seeds; 2 questions each
+    # random trains the default's kept count on every client, a different draw per seed
+    default = next(r for r in result["main"] if r["arm"] == default_arm() and r["client"] == "all")
+    rnd = saved["arms"]["random"]
+    assert sum(rnd["kept"]) == default["kept"] == train["random"]["trained_samples"]
+    ids = [
+        sorted(json.loads(x)["id"] for f in sorted((run_dir / "train" / "random" / f"seed-{s}"
+               / "clients").glob("*.jsonl")) for x in f.read_text().splitlines())
+        for s in (0, 1)
+    ]  # fmt: skip
+    assert len(ids[0]) == default["kept"] and ids[0] != ids[1]
+
+
+def test_a_resumed_bench_reads_back_its_trainings_and_answers(effect_run, monkeypatch):
+    from fedqc.bench import run as bench_run
+    from fedqc.federation import simulation
+
+    run_dir, result = effect_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished training or generation ran again")
+
+    monkeypatch.setattr(simulation, "run_simulation", refuse)
+    monkeypatch.setattr(bench_run, "generate", refuse)
+    cfg, bench = load_bench_config(run_dir / "bench.toml")
+    again = bench_run.run_bench(cfg, bench, run_dir, command="resumed")
+    assert again["train"] == result["train"]
 
 
 def test_effect_run_reports_the_seed_table_and_band_plot(effect_run):

@@ -2,6 +2,9 @@
 
 - ``mixed``: no quality control, every sample is kept.
 - ``oracle``: the clean samples only (an upper bound; needs the ground truth).
+- ``random``: on each client, as many samples as another arm kept there, drawn at random (the
+  baseline a selection method must beat at the same kept count: Ivison et al. 2025). Its draw
+  depends on a seed, so it is made where the arm trains (:func:`random_keep`).
 - QC, ``<scorer>/<rule>``: τ from the anchors with an anchor rule; every client keeps score ≥ τ.
   ``mixture``: as the federation does it, every client counts its scores over bins fixed from the
   anchor scores, the server sums the counts and fits the two-component model (anchors as
@@ -25,7 +28,7 @@ from fedqc.quality.rules import global_threshold, parse_rule
 from fedqc.quality.selection import select, selection_metrics
 from fedqc.scoring.scorers import CHECKPOINT_SCORERS, get_checkpoint_scorer, get_scorer
 
-KINDS = ("mixed", "oracle", "qc", "drop-fraction", "global-proportion")
+KINDS = ("mixed", "oracle", "random", "qc", "drop-fraction", "global-proportion")
 UPPER_BOUNDS = {
     "oracle": "upper bound: needs the ground truth",
     "global-proportion": "upper bound: breaks privacy, needs the true rate",
@@ -94,6 +97,25 @@ def run_arm(
         keep = [keep_all[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         return Outcome(keep, tau, [tau] * len(oriented))
     raise ValueError(f"unknown arm kind '{arm.kind}'")
+
+
+RANDOM = Arm("random", "random")
+
+
+def random_keep(kept_like: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Per client, a uniformly random subset of the same size as ``kept_like`` keeps there.
+
+    The draw is seeded by ``seed`` alone (one draw per training seed), so the same seed gives the
+    same subsets and different seeds are independent draws.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    keep = []
+    for flags in kept_like:
+        flags = np.asarray(flags, dtype=bool)
+        chosen = np.zeros(len(flags), dtype=bool)
+        chosen[rng.choice(len(flags), size=int(flags.sum()), replace=False)] = True
+        keep.append(chosen)
+    return keep
 
 
 def scorer_info(name: str):

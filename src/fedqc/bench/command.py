@@ -46,6 +46,13 @@ def bench(
             "of clean samples rejected, zero-shot and with quality.shots (no training)."
         ),
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Go on with a stopped bench in this folder, with its bench.toml: trainings and "
+            "answers it finished are read back, the rest runs."
+        ),
+    ] = None,
     force: ReuseOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -60,6 +67,15 @@ def bench(
     if quick + full + effect > 1:
         raise FedqcError("choose one profile: --quick, --full or --effect")
     profile = "quick" if quick else "full" if full else "effect" if effect else None
+    if resume is not None:
+        if profile or config or set_ or out or draws is not None:
+            raise FedqcError(
+                "--resume DIR takes the settings of DIR/bench.toml: leave out the profile, "
+                "--config, --set, --out and --draws"
+            )
+        if not (resume / "bench.toml").is_file():
+            raise FedqcError(f"--resume {resume}: no bench.toml there (not a bench run folder)")
+        config, out, force = resume / "bench.toml", str(resume), True
     cfg, options = load_bench_config(config, set_, profile)
     options.check(cfg)
     if draws is not None:
@@ -72,6 +88,11 @@ def bench(
         resolve(cfg.model.name)
         resolve(cfg.scoring_model().name)
     command = "fedqc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    started = run_dir / "command.txt"  # the command that started it, quoted by results.md
+    if resume is not None and started.is_file():
+        command = started.read_text().strip() + f" (resumed with: {command})"
+    elif resume is None:
+        started.write_text(command + "\n")
     if draws is not None:
         from fedqc.bench.draws import run_draws
 

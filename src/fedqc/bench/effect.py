@@ -68,6 +68,11 @@ def summarize(runs: Mapping[str, PerSeed]) -> dict[str, dict[str, float]]:
             for key, _, _ in METRICS:
                 d, d_sd = paired(seeds, runs["mixed"], key)
                 out[name][f"d_{key}"], out[name][f"d_{key}_sd"] = d, d_sd
+    if "random" in runs:  # each arm against random subsets of the same size, seed-paired
+        for name, seeds in runs.items():
+            for key, _, _ in METRICS:
+                d, d_sd = paired(seeds, runs["random"], key)
+                out[name][f"dr_{key}"], out[name][f"dr_{key}_sd"] = d, d_sd
     if "mixed" in out and "oracle" in out:
         for row in out.values():
             for key, _, _ in METRICS:
@@ -147,5 +152,31 @@ def goal_checks(summary: Mapping[str, Mapping[str, float]], default: str) -> lis
     lines.append(
         f"Goal (the default recovers ≥ {GAP_SHARE:.0%} of the gap on held-out loss and on a "
         f"separating generation metric, and beats paper there): {'met' if met else 'not met'}."
+    )
+    return lines + beats_random(summary, default, checked)
+
+
+def beats_random(
+    summary: Mapping[str, Mapping[str, float]], default: str, checked: Sequence[tuple]
+) -> list[str]:
+    """The default against ``random`` (the same kept counts, drawn at random), seed-paired on each
+    checked metric: it beats random where the paired difference is better by more than its sd."""
+    if "random" not in summary or default not in summary:
+        return []
+    mine, rnd = summary[default], summary["random"]
+    lines, wins = [], []
+    for key, label, sign in checked:
+        d, sd = mine.get(f"dr_{key}", math.nan), mine.get(f"dr_{key}_sd", math.nan)
+        ok = math.isfinite(d) and math.isfinite(sd) and sign * d > sd
+        wins.append(ok)
+        lines.append(
+            f"Default vs random at the same kept count on {label}: "
+            f"{pm(mine[key], mine[f'{key}_sd'], 4)} against {pm(rnd[key], rnd[f'{key}_sd'], 4)} "
+            f"(paired default − random {pm(d, sd, 4)}): "
+            f"{'beaten (better by more than the paired sd)' if ok else 'not beaten'}."
+        )
+    lines.append(
+        f"Goal (the default beats random at the same kept count on held-out loss and a generation "
+        f"metric): {'met' if wins[0] and any(wins[1:]) else 'not met'}."
     )
     return lines

@@ -4,6 +4,7 @@ the outputs (results.csv, results.md, plots, report.html, timing.json)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedqc.bench.arms import Arm, make_arms
+from fedqc.bench.arms import RANDOM, Arm, make_arms, random_keep
 from fedqc.bench.by_type import MIXTURE, retype, table_rows
 from fedqc.bench.checkpoints import CheckpointScores, Warmup, warm_up
 from fedqc.bench.config import BenchConfig
@@ -126,6 +127,7 @@ def run_bench(
         timing["re-scoring for the sweeps"] = rescoring
     timing["selection"] = time.perf_counter() - start - sum(timing.values())
     chosen = arms_to_train(bench.train, train_arms, main_rows)
+    train_arms += [RANDOM] * (RANDOM in chosen)
     runs = _train_arms(
         cfg, bench, run_dir, run_dir / "train", data, fed, chosen, outcomes, stages, warmup
     )
@@ -199,9 +201,10 @@ def default_arm() -> str:
 
 def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm]:
     """``mixed``, ``oracle``, ``default`` (`fedqc run`'s default scorer and rule), ``paper`` (among
-    ``arms`` when it was asked for: ppl + anchor-mean scored zero-shot), ``best`` (the
-    QC arm with the highest overall F1 on the main federation; picked with the ground truth),
-    ``all``, ``none``, or arm names."""
+    ``arms`` when it was asked for: ppl + anchor-mean scored zero-shot), ``random`` (the default's
+    kept count per client, drawn at random for each training seed), ``best`` (the QC arm with the
+    highest overall F1 on the main federation; picked with the ground truth), ``all``, ``none``,
+    or arm names."""
     by_name = {a.name: a for a in arms}
     overall = {r["arm"]: r for r in main_rows if r["client"] == "all"}
     chosen: list[Arm] = []
@@ -210,14 +213,14 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
             continue
         if word == "all":
             picks = arms
-        elif word == "default":
+        elif word in ("default", "random"):
             name = default_arm()
             if name not in by_name:
                 raise FedqcError(
-                    f"bench.train: the default arm {name} needs its scorer in bench.scorers and "
-                    "its rule in bench.rules"
+                    f"bench.train: the {word} arm needs the default arm {name}: its scorer in "
+                    "bench.scorers and its rule in bench.rules"
                 )
-            picks = [by_name[name]]
+            picks = [by_name[name] if word == "default" else RANDOM]
         elif word == "best":
             qc = [a for a in arms if a.kind == "qc"]
             picks = [max(qc, key=lambda a: overall[a.name]["f1"])] if qc else []
@@ -311,10 +314,15 @@ def _train_arms(
                 if len(seeds) > 1:
                     folder = folder / f"seed-{seed}"
                 stages.stage(f"training arm {name}" + (f", seed {seed}" if len(seeds) > 1 else ""))
+                keep = (
+                    random_keep(outcomes[default_arm()].keep, seed)
+                    if arm.kind == "random"
+                    else outcomes[arm.name].keep
+                )
                 runs[name][seed] = train_arm(
                     cfg.replace(**overrides, **{"train.seed": seed}),
                     clients,
-                    outcomes[arm.name].keep,
+                    keep,
                     eval_path,
                     folder,
                     stages,
@@ -346,8 +354,8 @@ def _exact_match(
     for name, seed, adapter in models:
         label = name if seed is None or len(runs[name]) == 1 else f"{name}, seed {seed}"
         stages.stage(f"exact match: {label}, {len(questions)} greedy answers")
-        load_adapter(loaded, adapter)
-        answers = generate(loaded, questions, bench.max_new_tokens)
+        cache = (adapter.parent.parent if adapter else run_dir / "train") / "answers.json"
+        answers = _answers(loaded, adapter, questions, bench.max_new_tokens, cache)
         metrics = answer_metrics(answers, references)
         if seed is None:
             base = metrics
@@ -363,6 +371,26 @@ def _exact_match(
         for g in generations:
             fh.write(json.dumps(g, ensure_ascii=False) + "\n")
     return base, results
+
+
+def _answers(loaded, adapter: Path | None, questions, max_new_tokens: int, cache: Path) -> list:
+    """Greedy answers of ``adapter`` (None: the untrained model), read back from ``cache`` when
+    an earlier run of the bench answered the same questions with the same adapter."""
+    key = hashlib.sha256(
+        json.dumps([[s.id, s.prompt] for s in questions] + [max_new_tokens]).encode()
+        + (Path(adapter, "adapter_model.safetensors").read_bytes() if adapter else b"base")
+    ).hexdigest()
+    try:
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return saved["answers"]
+    except (OSError, ValueError, KeyError):
+        pass
+    load_adapter(loaded, adapter)
+    answers = generate(loaded, questions, max_new_tokens)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "answers": answers}, ensure_ascii=False))
+    return answers
 
 
 def _per_seed(runs: dict, generated: dict) -> dict[str, dict[int, dict[str, float]]]:
@@ -426,6 +454,8 @@ def _train_rows(arms: list[Arm], runs: dict, base: dict, summary: dict) -> dict[
             **(
                 {"note": "the checkpoint scorers' warm-up run"}
                 if any(t.get("from_warmup") for t in results)
+                else {"note": "the default's kept count per client, drawn at random per seed"}
+                if kinds[name.split(" + ")[0]] == "random"
                 else {}
             ),
         }

@@ -4,10 +4,15 @@ The arm's selection is made up front (from the scored pool), written as one ``cl
 per client holding what that client keeps, and the pipeline runs with
 ``quality.rule=drop-fraction:0`` (keeps everything) - so ServerApp, ClientApp and FedAvg are the
 ones `fedqc run` uses. A client that keeps nothing sits out, as it would in `fedqc run`.
+
+A finished training leaves ``done.json`` in its folder with a fingerprint of what it trained (the
+config that changes the result, the kept samples' ids and texts, the held-out set): the same
+training asked again (``fedqc bench --resume``) is read back instead of run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -53,11 +58,14 @@ def train_arm(
     from fedqc.federation.simulation import run_simulation
     from fedqc.pipeline import prepare
 
-    shutil.rmtree(arm_dir, ignore_errors=True)  # the bench owns this folder
     kept = [
         [s for s, k in zip(c, flags, strict=True) if k]
         for c, flags in zip(clients, keep, strict=True)
     ]
+    fingerprint = training_fingerprint(cfg, kept, eval_path)
+    if (finished := _finished(arm_dir, fingerprint)) is not None:
+        return finished
+    shutil.rmtree(arm_dir, ignore_errors=True)  # the bench owns this folder
     training = [c for c in kept if c]
     result = {"kept": [len(c) for c in kept], "history": [], "adapter": None}
     if not training:
@@ -81,7 +89,33 @@ def train_arm(
     run_dir = Path(arm_cfg.output.run_dir)
     result["history"] = json.loads((run_dir / "metrics.json").read_text())
     result["adapter"] = run_dir / "adapter"
+    done = {"fingerprint": fingerprint, "kept": result["kept"], "history": result["history"]}
+    (arm_dir / "done.json").write_text(json.dumps(done))
     return result
+
+
+def training_fingerprint(cfg: Config, kept: Sequence[Sequence[Sample]], eval_path: Path) -> str:
+    """SHA-256 of what decides a training's result: the config (not the output paths), each
+    client's kept samples and the held-out set."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in cfg.to_flat().items() if not k.startswith(("output.", "data."))}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for samples in kept:
+        h.update(json.dumps([[s.id, s.prompt, s.response] for s in samples]).encode())
+    h.update(Path(eval_path).read_bytes())
+    return h.hexdigest()
+
+
+def _finished(arm_dir: Path, fingerprint: str) -> dict | None:
+    """The saved result of this very training, if it finished (None otherwise)."""
+    try:
+        done = json.loads((arm_dir / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("fingerprint") != fingerprint:
+        return None
+    adapter = arm_dir / "run" / "adapter"
+    return {"kept": done["kept"], "history": done["history"], "adapter": adapter, "reused": True}
 
 
 def load_adapter(loaded: LoadedModel, folder: Path | None) -> None:
