@@ -380,8 +380,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bench.train": "mixed,paper,default,oracle",
         "bench.seeds": "0,1,2",
     },
-    # A big machine (hours on 2 CPU cores; set model.device for a GPU): 1000 client samples, every corruption of each,
-    # every arm trained.
+    # A big machine (hours on 2 CPU cores; set model.device for a GPU): 1000 client samples,
+    # every corruption of each, every arm trained.
     "full": {
         "data.samples-per-client": 250,
         "data.num-eval": 200,
