@@ -234,6 +234,8 @@ def test_arms_to_train_default_is_fedqc_runs_default_scorer_and_rule():
     assert [a.name for a in arms_to_train("default", arms, rows)] == [f"{q.scorer}/{q.rule}"]
     with pytest.raises(FedqcError, match="the default arm .* needs its scorer in bench.scorers"):
         arms_to_train("default", make_arms(["ppl"], ["anchor-mean"]), rows)
+    with pytest.raises(FedqcError, match="random draws its kept counts; the default arm .* needs"):
+        arms_to_train("random", make_arms(["ppl"], ["anchor-mean"]), rows)
 
 
 def test_anchor_summary_mean_and_sd():

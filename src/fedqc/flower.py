@@ -30,8 +30,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedqc.errors import FedqcError
-from fedqc.federation.privacy import check_reply, error_for
-from fedqc.federation.protocol import CountsReply, QueryConfig
+from fedqc.federation.privacy import NodeFacts, check_reply, error_for
+from fedqc.federation.protocol import QUERY_SCORE, CountsReply, QueryConfig
 from fedqc.filter import Data, Model, QualityFilter, QualityPlan, ToSample, subset
 from fedqc.quality.rules import parse_rule
 from fedqc.scoring.ensemble import is_ensemble
@@ -148,7 +148,10 @@ def answer_quality_query(
         pid = int(context.node_config.get("partition-id", -1))
         counts = CountsReply(**selection.counts(), partition_id=pid)
         content = RecordDict({counts.RECORD: counts.to_record()})
-        check_reply(content)  # the privacy guard: counts, and nothing per sample
+        # the privacy guard, as on fedqc's own nodes: the counts of a score query, no more than
+        # this node's samples, its own partition id, and nothing per sample
+        facts = NodeFacts(samples=selection.total, partition_id=pid)
+        check_reply(QUERY_SCORE, msg.content, content, facts)
         return Message(content, reply_to=msg)
     except Exception as exc:  # the server learns that this node failed, never what it read
         log.exception("quality query failed on this node; the server gets only a fixed reason")

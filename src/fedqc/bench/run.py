@@ -216,8 +216,9 @@ def arms_to_train(spec: str, arms: list[Arm], main_rows: list[dict]) -> list[Arm
         elif word in ("default", "random"):
             name = default_arm()
             if name not in by_name:
+                why = "" if word == "default" else "random draws its kept counts; "
                 raise FedqcError(
-                    f"bench.train: the {word} arm needs the default arm {name}: its scorer in "
+                    f"bench.train: {why}the default arm {name} needs its scorer in "
                     "bench.scorers and its rule in bench.rules"
                 )
             picks = [by_name[name] if word == "default" else RANDOM]
