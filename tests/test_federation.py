@@ -9,9 +9,13 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedqc.config import Config
+from fedqc.config import Config, ModelConfig
+from fedqc.data.encoding import encode_all
+from fedqc.data.samples import load_samples
 from fedqc.federation.simulation import run_simulation
+from fedqc.models.loading import load
 from fedqc.pipeline import new_run_dir, prepare, summarize
+from fedqc.train.local import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +49,20 @@ def test_simulation_writes_every_output(finished_run, tiny_model_dir):
     assert threshold["scorer"] == "ifd" and len(threshold["anchor_scores"]) == 4
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [m["round"] for m in metrics] == [0, 1, 2]
-    assert all(m["eval_loss"] > 0 for m in metrics)
+    # the eval losses are those of the untrained model (round 0) and of the saved adapter (the
+    # last round), recomputed here on the held-out set
+    loaded = load(ModelConfig(name=str(tiny_model_dir), max_length=128))
+    pad = loaded.tokenizer.pad_token_id
+    held_out = encode_all(loaded.tokenizer, load_samples(cfg.data.eval), 128)
+    assert metrics[0]["eval_loss"] == pytest.approx(
+        evaluate(loaded.model, held_out, pad)["eval_loss"], rel=1e-5
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapter = PeftModel.from_pretrained(base, run_dir / "adapter")
     assert any("lora_A" in n for n, _ in adapter.named_parameters())
+    final = evaluate(adapter, held_out, pad)["eval_loss"]
+    assert metrics[-1]["eval_loss"] == pytest.approx(final, rel=1e-5)
+    assert abs(final - metrics[0]["eval_loss"]) > 1e-4 * final  # training moved it
 
 
 def test_summary_joins_selection_with_flags(finished_run):
