@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -97,11 +99,77 @@ def test_gaussian_rejects_alpha_of_normal_clean_samples_and_varies_less_than_con
     assert np.std(taus["gaussian"]) < 0.8 * np.std(taus["conformal"])
 
 
-def test_every_rule_states_what_it_promises():
-    anchors = np.array([*range(10), np.nan])  # 10 anchors with finite scores
-    assert "the 10 anchors" in guarantee(parse_rule("anchor-conformal:0.1"), anchors)
-    assert "at most 0.1" in guarantee(parse_rule("anchor-conformal:0.1"), anchors)
-    assert "normal" in guarantee(parse_rule("anchor-gaussian:0.05"), anchors)
-    for text in ("anchor-mean", "anchor-quantile:0.1", "mixture", "fixed:3", "drop-fraction:0.2"):
-        assert guarantee(parse_rule(text), anchors)
-    assert guarantee(parse_rule("fixed:3"), None)
+# What each rule's printed promise must say, written out here per rule: its own assumption (or
+# that it has none) and its own parameter. Each rule is given a different parameter, and each
+# sentence must hold none of the other rules' marks, so two rules' sentences swapped fail.
+TEN = np.array([*range(10), np.nan])  # 10 anchors with finite scores
+PROMISES = {
+    "anchor-conformal:0.2": (
+        ["exchangeable with the 10 anchors", "at most 2/11 = 0.182 (≤ 0.2)"],
+        {"0.2", "2/11", "0.182"},
+    ),
+    "anchor-gaussian:0.05": (
+        ["the 10 anchors' and the clean samples' scores", "independent draws", "normal"],
+        {"0.05"},
+    ),
+    "anchor-quantile:0.3": (["about 0.3 of clean samples", "no bound"], {"0.3"}),
+    "anchor-mean": (["mean", "about half", "symmetric", "no bound"], set()),
+    "mixture": (["two-component fit", "equally likely", "no bound"], set()),
+    "drop-fraction:0.15": (
+        ["each client drops", "lowest-scoring 0.15", "corrupted or not"],
+        {"0.15"},
+    ),
+    "fixed:3.5": (["fixed τ = 3.5", "scorer's units", "no promise"], {"3.5"}),
+}
+MARKS = {  # words that belong to one rule's promise only
+    "anchor-conformal:0.2": ["exchangeable", "at most"],
+    "anchor-gaussian:0.05": ["normal", "independent draws"],
+    "anchor-quantile:0.3": ["about 0.3"],
+    "anchor-mean": ["half", "symmetric"],
+    "mixture": ["two-component", "equally likely"],
+    "drop-fraction:0.15": ["each client drops"],
+    "fixed:3.5": ["fixed τ"],
+}
+PROMISING = ("anchor-conformal", "anchor-gaussian")  # those that state a rejection probability
+
+
+def _numbers(text: str) -> set[str]:
+    """The numbers a sentence states (fractions whole): '2/11', '0.182', '10', ..."""
+    return set(re.findall(r"\d+/\d+|\d+(?:\.\d+)?", text))
+
+
+@pytest.mark.parametrize("text", list(PROMISES))
+def test_each_rules_promise_names_its_own_assumption_and_parameter(text):
+    said = guarantee(parse_rule(text), TEN)
+    phrases, numbers = PROMISES[text]
+    for phrase in phrases:
+        assert phrase in said, (text, phrase, said)
+    others = {n for t, (_, ns) in PROMISES.items() if t != text for n in ns} - numbers
+    assert numbers <= _numbers(said) and not others & _numbers(said), (text, said)
+    for other, marks in MARKS.items():
+        if other != text:
+            assert not [m for m in marks if m in said], (text, other, said)
+    promises = text.partition(":")[0] in PROMISING
+    assert ("on average over anchor draws" in said) == promises  # the caveat: only where a
+    assert ("approximate when the score depends on these anchors" in said) == promises  # rate is
+
+
+@pytest.mark.parametrize(
+    "alpha, anchors, bound",
+    [(0.1, 9, "1/10 = 0.1"), (0.1, 10, "1/11 = 0.0909"), (0.1, 19, "2/20 = 0.1"),
+     (0.1, 30, "3/31 = 0.0968"), (0.25, 10, "2/11 = 0.182"), (0.5, 4, "2/5 = 0.4")],
+)  # fmt: skip
+def test_the_conformal_promise_is_the_bound_for_its_anchor_count(alpha, anchors, bound):
+    """k/(n+1) with k = ⌊α(n+1)⌋, the finite-sample bound, from the anchors that have scores."""
+    scores = np.concatenate([np.arange(float(anchors)), [np.nan, np.inf]])
+    said = guarantee(parse_rule(f"anchor-conformal:{alpha}"), scores)
+    assert f"exchangeable with the {anchors} anchors" in said
+    assert f"at most {bound} (≤ {alpha:g})" in said
+    k = int(bound.split("/")[0])
+    assert conformal_threshold(np.arange(float(anchors)), alpha) == k - 1  # the k-th smallest
+
+
+def test_the_gaussian_promise_counts_the_anchors_it_used():
+    said = guarantee(parse_rule("anchor-gaussian:0.1"), np.array([1.0, 2.0, np.nan, 4.0]))
+    assert "if the 3 anchors' and the clean samples' scores" in said
+    assert "rejected with probability 0.1;" in said

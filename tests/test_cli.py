@@ -21,6 +21,8 @@ import torch
 from fedqc.config import ModelConfig
 from fedqc.data.samples import load_samples
 from fedqc.models.loading import load
+from fedqc.quality.plan import few_shot_prefix
+from fedqc.quality.rules import guarantee, parse_rule
 from fedqc.scoring.scorers import get_scorer, score_samples
 
 FEDQC = Path(sys.executable).with_name("fedqc")
@@ -215,21 +217,36 @@ def test_data_demo_writes_files_and_refuses_to_overwrite(demo):
     assert sorted(p for p in demo.rglob("*") if p.is_file()) == files
 
 
-def test_score_writes_one_line_per_sample_in_order(scored):
+def _ppl(
+    model_dir: Path, samples, dtype: str = "auto", demos=(), shots: int = 0, device: str = "auto"
+) -> np.ndarray:
+    """The perplexities `fedqc score` should write, computed here in this process."""
+    mcfg = ModelConfig(name=str(model_dir), max_length=MAX_LENGTH, device=device, dtype=dtype)
+    loaded = load(mcfg)
+    prefix = few_shot_prefix(loaded, list(demos), shots, MAX_LENGTH)
+    prefixes = [prefix] * len(samples)
+    return score_samples(loaded, samples, get_scorer("ppl"), MAX_LENGTH, prefixes=prefixes).raw
+
+
+def test_score_writes_one_line_per_sample_in_order(scored, tiny_model_dir):
     data, out = scored
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == [s.id for s in load_samples(data)]
-    assert all(r["scorer"] == "ppl" and r["score"] > 1.0 for r in rows)
+    samples = load_samples(data)
+    assert [r["id"] for r in rows] == [s.id for s in samples]
+    assert all(r["scorer"] == "ppl" for r in rows)
+    want = _ppl(tiny_model_dir, samples)
+    np.testing.assert_allclose([r["score"] for r in rows], want, rtol=1e-6)
 
 
 def test_threshold_prints_the_anchor_mean(demo, runs, tiny_model_dir):
     result = runs["threshold"]
     assert result.returncode == 0, result.stderr
     tau = float(result.stdout.strip())
-    loaded = load(ModelConfig(name=str(tiny_model_dir), max_length=MAX_LENGTH))
     anchors = load_samples(demo / "anchors.jsonl")
-    ppl = score_samples(loaded, anchors, get_scorer("ppl"), MAX_LENGTH).raw
+    ppl = _ppl(tiny_model_dir, anchors)
     assert tau == pytest.approx(float(np.mean(ppl)), rel=1e-5)
+    promise = guarantee(parse_rule("anchor-mean"), -ppl)  # what the rule promises, printed
+    assert promise in " ".join(result.stderr.split())
 
 
 def test_filter_keeps_samples_with_ppl_at_most_tau(scored):
@@ -282,14 +299,17 @@ def test_filter_reads_parquet_writes_csv_and_never_the_input(scored):
     assert not (scores.parent / "kept.txt").exists()
 
 
-def test_shots_need_anchors_and_change_the_scores(runs, scored, demo):
+def test_shots_need_anchors_and_show_the_first_anchors(runs, scored, demo, tiny_model_dir):
     assert_user_error(runs["shots-without-anchors"], "--shots 2 shows the first 2 anchors")
     assert not (demo.parent / "s.jsonl").exists()
     assert runs["score-2-shot"].returncode == 0, runs["score-2-shot"].stderr
-    zero_shot = [json.loads(x) for x in scored[1].read_text().splitlines()]
     two_shot = [json.loads(x) for x in (demo.parent / "scores-2-shot.jsonl").open()]
-    assert [r["id"] for r in two_shot] == [r["id"] for r in zero_shot]
-    assert [r["score"] for r in two_shot] != [r["score"] for r in zero_shot]
+    samples, anchors = load_samples(scored[0]), load_samples(demo / "anchors.jsonl")
+    assert [r["id"] for r in two_shot] == [s.id for s in samples]
+    want = _ppl(tiny_model_dir, samples, demos=anchors, shots=2)  # the first 2 that fit whole
+    np.testing.assert_allclose([r["score"] for r in two_shot], want, rtol=1e-6)
+    zero_shot = _ppl(tiny_model_dir, samples)  # which scores without them would not pass
+    assert np.abs(zero_shot / want - 1).max() > 1e-4
 
 
 def test_filter_refuses_a_threshold_that_is_not_a_number(runs, demo):
@@ -297,7 +317,7 @@ def test_filter_refuses_a_threshold_that_is_not_a_number(runs, demo):
     assert not (demo.parent / "k.jsonl").exists()
 
 
-def test_dtype_and_device_options(runs, scored, demo):
+def test_dtype_and_device_options(runs, scored, demo, tiny_model_dir):
     assert_user_error(runs["bad-dtype"], "'model.dtype' must be one of auto, float32")
     if not torch.cuda.is_available():
         assert_user_error(runs["missing-cuda"], "model.device: 'cuda:7' but this machine has no")
@@ -305,8 +325,10 @@ def test_dtype_and_device_options(runs, scored, demo):
     assert runs["score-bf16"].returncode == 0, runs["score-bf16"].stderr
     full = [json.loads(x)["score"] for x in scored[1].open()]
     low = [json.loads(x)["score"] for x in (demo.parent / "scores-bf16.jsonl").open()]
-    np.testing.assert_allclose(low, full, rtol=0.05)
-    assert low != full  # it did run in bfloat16
+    want = _ppl(tiny_model_dir, load_samples(scored[0]), dtype="bfloat16", device="cpu")
+    np.testing.assert_allclose(low, want, rtol=1e-6)  # bfloat16's scores
+    assert np.abs(np.divide(full, want) - 1).max() > 1e-5  # which float32's would not pass
+    np.testing.assert_allclose(low, full, rtol=0.05)  # and near float32's
 
 
 def test_unknown_scorer(runs, demo):

@@ -145,12 +145,58 @@ def test_training_keeps_lora_and_adam_in_float32_under_autocast(tiny_model_dir, 
     assert evaluate(low.model, enc, low.tokenizer.pad_token_id)["eval_loss"] > 0
 
 
-def test_float16_training_uses_a_gradient_scaler(tiny_model_dir, samples):
-    low = _loaded(tiny_model_dir, "float16")
+@pytest.fixture
+def scalers(monkeypatch) -> list:
+    """Every torch.amp.GradScaler that training makes, with the calls made on it, in order."""
+    made = []
+
+    class Recording(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls: list[str] = []
+            self.device_type = args[0] if args else kwargs.get("device", "cuda")
+            made.append(self)
+
+        def scale(self, outputs):
+            self.calls.append("scale")
+            scaled = super().scale(outputs)
+            if self.is_enabled():  # the loss that backward sees is the loss times the scale
+                torch.testing.assert_close(scaled, outputs * self.get_scale())
+            return scaled
+
+        def step(self, optimizer, *args, **kwargs):
+            self.calls.append("step")
+            return super().step(optimizer, *args, **kwargs)
+
+        def update(self, new_scale=None) -> None:
+            self.calls.append("update")
+            super().update(new_scale)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    return made
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_float16_training_uses_a_gradient_scaler(tiny_model_dir, samples, scalers, device):
+    """float16 gradients underflow without loss scaling: training must scale the loss, step the
+    optimizer through the scaler (which unscales, and skips a step with inf/NaN) and update it."""
+    low = _loaded(tiny_model_dir, "float16", device)
     enc = encode_all(low.tokenizer, samples, 128)
     loss, _ = train_steps_with_optimizer(low.model, enc, low.tokenizer.pad_token_id, 2, 2, 1e-3)
+    (scaler,) = scalers
+    assert scaler.is_enabled() and scaler.device_type == device
+    assert scaler.calls == ["scale", "step", "update"] * 2
     assert np.isfinite(loss)
     assert all(torch.isfinite(v).all() for v in get_adapter_state(low.model).values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_and_bfloat16_training_scale_nothing(tiny_model_dir, samples, scalers, dtype):
+    """bf16 has float32's exponent range: no loss scaling (a scaler there would be disabled)."""
+    loaded = _loaded(tiny_model_dir, dtype)
+    enc = encode_all(loaded.tokenizer, samples, 128)
+    train_steps_with_optimizer(loaded.model, enc, loaded.tokenizer.pad_token_id, 1, 2, 1e-3)
+    assert not any(s.is_enabled() for s in scalers)
 
 
 def test_auto_on_native_bf16_trains_float32_weights_under_bf16_autocast(

@@ -152,9 +152,12 @@ def guarantee(rule: Rule, anchor_oriented: np.ndarray | None) -> str:
         "measured in docs/choosing.md"
     )
     if rule.kind == "anchor-conformal":
+        # the finite-sample bound for these anchors: τ is the k-th smallest of n, k = ⌊α(n+1)⌋
+        k, ranks = math.floor(a * (n_anchors + 1)), n_anchors + 1
         return (
             f"a clean sample exchangeable with the {n_anchors} anchors (same distribution, same "
-            f"model) is rejected with probability at most {a:g}" + caveat
+            f"model) is rejected with probability at most {k}/{ranks} = {k / ranks:.3g} (≤ {a:g})"
+            + caveat
         )
     if rule.kind == "anchor-gaussian":
         return (
@@ -165,7 +168,8 @@ def guarantee(rule: Rule, anchor_oriented: np.ndarray | None) -> str:
         return f"about {a:g} of clean samples that look like the anchors are rejected (no bound)"
     if rule.kind == "anchor-mean":
         return (
-            "the paper's rule: about half of clean samples that look like the anchors fall below τ"
+            "the paper's rule, τ = the anchors' mean score: about half of clean samples that look "
+            "like the anchors fall below τ if their scores are symmetric about it (no bound)"
         )
     if rule.kind == "mixture":
         return (
@@ -174,4 +178,4 @@ def guarantee(rule: Rule, anchor_oriented: np.ndarray | None) -> str:
         )
     if rule.kind == "drop-fraction":
         return f"each client drops its lowest-scoring {a:g} of samples, corrupted or not"
-    return "a fixed τ, given in the scorer's units"
+    return f"a fixed τ = {a:g}, given in the scorer's units (no promise about clean samples)"
