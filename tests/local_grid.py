@@ -83,3 +83,30 @@ class QuietStages:
 
     def advance(self, n: int = 1) -> None:
         pass
+
+
+def run_default_in_process(model_dir, demo_dir, run_dir, max_length: int):
+    """`fedqc run` in process on the demo's 2 clients with the default scorer, rule and 2 shots
+    (one short round): the run the step-by-step CLI and the filter object must decide as. Returns
+    its config; the outputs are in ``run_dir``."""
+    from fedqc.config import Config, QualityConfig
+    from fedqc.federation.client_app import build_client_app
+    from fedqc.federation.server_app import run_server
+
+    cfg = Config.from_flat(
+        {
+            "model.name": str(model_dir),
+            "model.max-length": max_length,
+            "data.federation": "",
+            "data.clients-dir": str(demo_dir / "clients"),
+            "data.anchors": str(demo_dir / "anchors.jsonl"),
+            "data.num-clients": 2,
+            "train.rounds": 1,
+            "train.local-steps": 1,
+            "train.batch-size": 2,
+            "output.run-dir": str(run_dir),
+        }
+    )
+    assert (cfg.quality.scorer, cfg.quality.shots) == (QualityConfig().scorer, 2)
+    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    return cfg

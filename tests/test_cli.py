@@ -352,29 +352,10 @@ def test_run_with_unknown_set_key(runs, demo):
 def test_the_step_by_step_cli_decides_exactly_as_a_run(demo, tiny_model_dir, tmp_path):
     """threshold --out → score --plan → filter --plan, with the default scorer (a calibrated
     ensemble), rule and 2 shots, keeps on each client exactly what `fedqc run`'s client keeps."""
-    from local_grid import LocalGrid, QuietStages
-
-    from fedqc.config import Config, QualityConfig
-    from fedqc.federation.client_app import build_client_app
-    from fedqc.federation.server_app import run_server
+    from local_grid import run_default_in_process
 
     run_dir, max_length = tmp_path / "run", 512  # no anchor is cut: each has an end-loss
-    cfg = Config.from_flat(
-        {
-            "model.name": str(tiny_model_dir),
-            "model.max-length": max_length,
-            "data.federation": "",
-            "data.clients-dir": str(demo / "clients"),
-            "data.anchors": str(demo / "anchors.jsonl"),
-            "data.num-clients": 2,
-            "train.rounds": 1,
-            "train.local-steps": 1,
-            "train.batch-size": 2,
-            "output.run-dir": str(run_dir),
-        }
-    )
-    assert (cfg.quality.scorer, cfg.quality.shots) == (QualityConfig().scorer, 2)
-    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    run_default_in_process(tiny_model_dir, demo, run_dir, max_length)
     ran = json.loads((run_dir / "threshold.json").read_text())
 
     model = ["--model", tiny_model_dir, "--max-length", max_length]

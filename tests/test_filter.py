@@ -7,14 +7,12 @@ import json
 import datasets
 import numpy as np
 import pytest
-from local_grid import LocalGrid, QuietStages
+from local_grid import run_default_in_process
 
 from fedqc import QualityFilter, QualityPlan
-from fedqc.config import Config, QualityConfig
+from fedqc.config import Config
 from fedqc.data.samples import Sample, load_samples
 from fedqc.errors import FedqcError
-from fedqc.federation.client_app import build_client_app
-from fedqc.federation.server_app import run_server
 
 MAX_LENGTH = 512  # no demo anchor is cut: each has an end-loss
 
@@ -23,22 +21,7 @@ MAX_LENGTH = 512  # no demo anchor is cut: each has an end-loss
 def ran(tmp_path_factory, demo_dir, tiny_model_dir) -> tuple[Config, dict]:
     """`fedqc run`'s server and clients (in process) with the default scorer, rule and 2 shots."""
     run_dir = tmp_path_factory.mktemp("run") / "run"
-    cfg = Config.from_flat(
-        {
-            "model.name": str(tiny_model_dir),
-            "model.max-length": MAX_LENGTH,
-            "data.federation": "",
-            "data.clients-dir": str(demo_dir / "clients"),
-            "data.anchors": str(demo_dir / "anchors.jsonl"),
-            "data.num-clients": 2,
-            "train.rounds": 1,
-            "train.local-steps": 1,
-            "train.batch-size": 2,
-            "output.run-dir": str(run_dir),
-        }
-    )
-    assert (cfg.quality.scorer, cfg.quality.shots) == (QualityConfig().scorer, 2)
-    run_server(LocalGrid(build_client_app(cfg), 2), cfg, QuietStages())
+    cfg = run_default_in_process(tiny_model_dir, demo_dir, run_dir, MAX_LENGTH)
     clients = {
         i: [json.loads(x) for x in (run_dir / "clients" / f"client-{i}" / "scores.jsonl").open()]
         for i in range(2)
